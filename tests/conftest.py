@@ -1,0 +1,30 @@
+"""Session-wide fixtures: the tiny GGUF models every model and engine test runs on."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.tiny_models import write_tiny_gemma3_gguf, write_tiny_llama_gguf
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tmp_path_factory) -> Path:
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("tiny_llama") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_gguf(tmp_path_factory) -> Path:
+    return write_tiny_gemma3_gguf(tmp_path_factory.mktemp("tiny_gemma3") / "tiny-gemma3.gguf")
+
+
+@pytest.fixture(scope="session")
+def thrifty_server():
+    """`thrifty serve` on SmolLM2-135M in a subprocess, shared by the tests/test_server_*.py files."""
+    from thrifty.catalog import CATALOG
+    from tests.server_process import real_server
+
+    if not CATALOG["smollm2-135m"].is_installed():
+        pytest.skip(f"SmolLM2 is not installed: {CATALOG['smollm2-135m'].install_command}")
+    server = real_server()
+    yield server
+    assert server.stop() == 0, server.output()  # SIGTERM drains and exits cleanly

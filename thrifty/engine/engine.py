@@ -1,0 +1,281 @@
+"""The engine: requests in, one batched model step at a time, outputs out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from thrifty.catalog import DEFAULT_MODEL, resolve_model
+from thrifty.engine.detokenizer import IncrementalDetokenizer
+from thrifty.engine.model_runner import ModelRunner
+from thrifty.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from thrifty.engine.sampler import Sampler, TokenLogprob
+from thrifty.engine.sampling_params import SamplingParams
+from thrifty.engine.scheduler import SCHEDULING_POLICIES, Scheduler
+from thrifty.engine.sequence import Sequence
+from thrifty.errors import InvalidRequestError, PromptTooLongError
+from thrifty.kv.blocks import BlockManager
+from thrifty.kv.cache import KVCache, pool_blocks
+from thrifty.loading.source import open_model_source
+from thrifty.loading.tokenizer import Tokenizer
+from thrifty.models.registry import build_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_POOL_TOKENS = 16384
+
+
+@dataclass
+class EngineConfig:
+    model: str = DEFAULT_MODEL  # catalog name, GGUF file or Hugging Face directory
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_model_len: int | None = None  # default: the model's context window
+    kv_cache_tokens: int | None = None  # KV pool size in tokens ...
+    kv_cache_bytes: int | None = None  # ... or in bytes (default: max(context, 16384) tokens)
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"
+    chat_template: str | None = None  # overrides the model's own
+    num_threads: int | None = None
+    show_progress: bool = False
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype {self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InvalidRequestError(f"device {self.device!r} is unknown; use cpu or cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InvalidRequestError("device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise InvalidRequestError(f"scheduling policy {self.scheduling_policy!r} is unknown; "
+                                      f"use one of {SCHEDULING_POLICIES}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidRequestError("max_model_len must be at least 2")
+
+
+@dataclass
+class _SequenceText:
+    """Text bookkeeping of one sequence: detokenizer state, stop strings, what was already sent."""
+
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    texts: list[_SequenceText]
+    metrics: RequestMetrics
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        config.validate()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+
+        path = resolve_model(config.model)
+        source = open_model_source(path)
+        self.model_config = source.config
+        self.model_name = config.model
+        self.tokenizer = (Tokenizer.from_gguf(path, name=config.model) if source.format == "gguf"
+                          else Tokenizer.from_pretrained_dir(path, name=config.model))
+        self.model = build_model(self.model_config, self.dtype, self.device)
+        weights = source.iter_weights()
+        if config.show_progress:
+            weights = tqdm(weights, desc="loading weights", unit=" tensors", leave=False)
+        self.model.load_weights(weights)
+
+        context = self.model_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or context, context)
+        num_blocks = pool_blocks(self.model_config, self.dtype, config.block_size, config.kv_cache_tokens,
+                                 config.kv_cache_bytes, default_tokens=max(self.max_model_len, DEFAULT_POOL_TOKENS))
+        self.kv_cache = KVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
+        self.model.bind_kv_cache(self.kv_cache.layers)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.scheduling_policy)
+        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+
+    # -- requests -----------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary "
+                                      f"[0, {self.model_config.vocab_size}); tokenize with this model's tokenizer")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenize_prompt(prompt)
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        self._check_fits(len(token_ids), params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        seqs = [Sequence(request_id, i, token_ids, params, arrival) for i in range(params.n)]
+        texts = [_SequenceText(IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens))
+                 for _ in seqs]
+        self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None,
+                                             token_ids, params, seqs, texts, RequestMetrics(arrival))
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
+        """Refuse what can never complete: over the context window, or over the whole KV pool."""
+        if prompt_len >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {prompt_len} tokens but the context window is {self.max_model_len} "
+                f"(room is needed for at least one new token); shorten the prompt")
+        wanted = prompt_len + (params.max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise PromptTooLongError(
+                f"this model's context window is {self.max_model_len} tokens, but {wanted} were asked for "
+                f"({prompt_len} in the prompt, {params.max_tokens} to generate); lower max_tokens "
+                f"or shorten the prompt")
+        capacity = self.block_manager.capacity_tokens
+        if wanted > capacity:
+            raise PromptTooLongError(
+                f"{wanted} tokens ({prompt_len} prompt + {params.max_tokens or 1} new) do not fit the KV pool "
+                f"of {capacity} tokens; raise kv_cache_tokens / kv_cache_bytes or lower max_tokens")
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks. Returns whether it was running."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+                self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def progress(self, request_id: str) -> tuple[int, int]:
+        """(prompt tokens computed, prompt tokens) of a request's first sequence, for progress bars."""
+        seq = self.requests[request_id].seqs[0]
+        return min(seq.num_computed_tokens, seq.prompt_len), seq.prompt_len
+
+    # -- stepping -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batched forward pass; return outputs of the requests that moved."""
+        schedule = self.scheduler.schedule()
+        if not schedule.scheduled:
+            return []
+        logits = self.runner.execute(schedule.scheduled)
+        sampled: list[Sequence] = []
+        for item in schedule.scheduled:
+            item.seq.num_computed_tokens += item.num_tokens
+            self.block_manager.commit(item.seq)
+            if item.seq.num_computed_tokens == item.seq.num_tokens:
+                sampled.append(item.seq)
+        tokens, logprobs = self.sampler(logits, sampled)
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for seq, token, logprob in zip(sampled, tokens, logprobs):
+            request = self.requests[seq.request_id]
+            seq.token_ids.append(token)
+            self._process_token(request, seq, token, logprob)
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+            touched[request.request_id] = request
+        outputs = []
+        for request in touched.values():
+            if request.finished:
+                request.metrics.finished_time = now
+                request.metrics.num_preemptions = sum(s.num_preemptions for s in request.seqs)
+                del self.requests[request.request_id]
+            outputs.append(self._output(request))
+        return outputs
+
+    def _process_token(self, request: _Request, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
+        params, state = request.params, request.texts[seq.index]
+        if logprob is not None:
+            state.logprobs.append(logprob)
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        if may_stop and not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+            seq.finish("stop")
+        elif may_stop and token in params.stop_token_ids:
+            seq.finish("stop", token)
+        delta = state.detokenizer.add(token)
+        state.text += delta
+        if params.stop and may_stop and not seq.is_finished:
+            longest = max(len(s) for s in params.stop)
+            search_from = max(0, len(state.text) - len(delta) - longest + 1)
+            hits = [(state.text.find(s, search_from), s) for s in params.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                index, stop = min(hits)
+                state.text = state.text[:index + (len(stop) if params.include_stop_str_in_output else 0)]
+                seq.finish("stop", stop)
+                return
+        if not seq.is_finished:
+            if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+                seq.finish("length")
+            elif seq.num_tokens >= self.max_model_len:
+                seq.finish("length")
+        if seq.is_finished:
+            state.text += state.detokenizer.flush()
+
+    def _output(self, request: _Request) -> RequestOutput:
+        completions = []
+        hold = max((len(s) for s in request.params.stop), default=1) - 1
+        for seq, state in zip(request.seqs, request.texts):
+            visible = state.text if seq.is_finished or not hold else state.text[:max(0, len(state.text) - hold)]
+            output_ids = seq.output_token_ids
+            completions.append(CompletionOutput(
+                index=seq.index, text=visible, token_ids=output_ids,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                logprobs=state.logprobs if request.params.logprobs is not None else None,
+                delta_text=visible[state.sent_chars:], delta_token_ids=output_ids[state.sent_tokens:]))
+            state.sent_chars, state.sent_tokens = len(visible), len(output_ids)
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                             request.finished, request.metrics,
+                             num_cached_prompt_tokens=request.seqs[0].num_prefix_cache_hits)
+
+    # -- introspection ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": self.block_manager.num_blocks,
+            "kv_blocks_free": self.block_manager.num_free_blocks,
+            "kv_blocks_used": self.block_manager.num_used_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

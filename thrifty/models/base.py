@@ -1,0 +1,92 @@
+"""What every causal LM in thrifty implements, and the parts they share (weights, KV cache, logits).
+
+Module attribute names mirror Hugging Face's, so parameter names are the Hugging Face
+weight names (`model.layers.0.self_attn.q_proj.weight`) and loading is a name lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from thrifty.config import ModelConfig
+from thrifty.errors import ModelLoadError
+from thrifty.loading.weights import WeightTensor
+from thrifty.models.layers import Linear
+from thrifty.models.paged_attention import AttentionMetadata
+
+
+class CausalLM(nn.Module):
+    """A decoder-only model over a flat, variable-length batch of tokens (no batch dimension).
+
+    Subclasses build `self.model` (with `embed_tokens`, `layers` whose items have a
+    `self_attn`, and `norm`) and call `_make_lm_head`.
+    """
+
+    model: nn.Module
+    lm_head: Linear
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states [T, hidden_size] of the T new tokens described by `meta`."""
+        raise NotImplementedError
+
+    def _make_lm_head(self, dtype: torch.dtype, device: torch.device) -> Linear:
+        head = Linear(self.config.hidden_size, self.config.vocab_size, False, dtype=dtype, device=device)
+        if self.config.tie_word_embeddings:
+            head.weight = self.model.embed_tokens.weight  # one parameter, listed under the embedding's name
+        return head
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab_size] for hidden states [N, hidden_size]."""
+        logits = self.lm_head(hidden)
+        if (cap := self.config.final_logit_softcapping) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    def kv_cache_shape(self) -> tuple[int, int]:
+        """The shape of one cache slot in every layer: (num_kv_heads, head_dim)."""
+        return self.config.num_kv_heads, self.config.head_dim
+
+    def bind_kv_cache(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give each layer its flat K and V cache tensors [num_slots, num_kv_heads, head_dim]."""
+        layers = self.model.layers
+        if len(caches) != len(layers):
+            raise ValueError(f"got KV caches for {len(caches)} layers; the model has {len(layers)}")
+        for layer, (k_cache, v_cache) in zip(layers, caches):
+            layer.self_attn.bind_kv_cache(k_cache, v_cache)
+
+    def load_weights(self, weights: Iterable[tuple[str, WeightTensor]]) -> None:
+        """Fill every parameter from (Hugging Face name, weight) pairs; all must be present and fit."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        unexpected: list[str] = []
+        for name, weight in weights:
+            param = params.get(name)
+            if param is None:
+                # Tied checkpoints may still carry their copy of the embedding as lm_head.
+                if not (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                    unexpected.append(name)
+                continue
+            if tuple(weight.shape) != tuple(param.shape):
+                raise ModelLoadError(
+                    f"weight {name} has shape {list(weight.shape)} but the model config implies "
+                    f"{list(param.shape)}; the weights and the config do not belong together")
+            owner_name, _, attr = name.rpartition(".")
+            self.get_submodule(owner_name).load_param(attr, weight)
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing or unexpected:
+            problems = []
+            if missing:
+                problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+            if unexpected:
+                problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+            raise ModelLoadError(
+                f"the weights do not match the {self.config.architecture} model: {'; '.join(problems)}. "
+                f"The file is incomplete or is a model variant thrifty does not support.")

@@ -1,0 +1,219 @@
+"""The building blocks of the decoder-only models: norms, RoPE, linear layers, MLP, attention.
+
+Numerics follow Hugging Face transformers step by step (which dtype each operation runs
+in), so thrifty's logits match it to float rounding in every compute dtype. Parameters
+are allocated uninitialised: the loader overwrites every one through `load_param`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thrifty.config import ModelConfig, RopeScaling
+from thrifty.loading.weights import WeightTensor, to_tensor
+from thrifty.models.paged_attention import AttentionMetadata, paged_attention
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class WeightModule(nn.Module):
+    """A module whose parameters the model loader fills, one named weight at a time."""
+
+    def load_param(self, name: str, weight: WeightTensor) -> None:
+        # GGUF-quantized weights are dequantized to the parameter's dtype here. A module with a
+        # quantized matmul would override this to keep the QuantizedWeight's blocks instead.
+        param = getattr(self, name)
+        with torch.no_grad():
+            param.copy_(to_tensor(weight, param.dtype))
+
+
+class Linear(WeightModule):
+    """y = x W^T + b, with W loadable from a dense or a GGUF-quantized weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.weight = _param(out_features, in_features, dtype=dtype, device=device)
+        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(WeightModule):
+    def __init__(self, num_embeddings: int, dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = _param(num_embeddings, dim, dtype=dtype, device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(WeightModule):
+    """RMS normalisation in float32. `unit_offset` is Gemma's variant: scale by (1 + w), in float32."""
+
+    def __init__(self, dim: int, eps: float, *, unit_offset: bool = False, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.unit_offset = unit_offset
+        self.weight = _param(dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float()
+        normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None, max_position: int,
+                  seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim / 2] and the cos/sin scale, as transformers' rope_init_fns.
+
+    `seq_len` matters only to dynamic NTK scaling, which grows the base past max_position.
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    if scaling is None or scaling.kind == "default":
+        return 1.0 / theta ** exponents, 1.0
+    if scaling.kind == "linear":
+        return 1.0 / theta ** exponents / scaling.factor, 1.0
+    if scaling.kind == "dynamic":
+        seq_len = max(seq_len or max_position, max_position)
+        base = theta * ((scaling.factor * seq_len / max_position) - (scaling.factor - 1)) ** (
+            head_dim / (head_dim - 2))
+        return 1.0 / base ** exponents, 1.0
+    original = scaling.original_max_position or max_position
+    if scaling.kind == "llama3":
+        inv_freq = 1.0 / theta ** exponents
+        low_wavelen = original / scaling.low_freq_factor
+        high_wavelen = original / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    if scaling.kind == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling, original)
+    raise ValueError(f"unknown RoPE scaling {scaling.kind!r}")
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: RopeScaling, original: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, keep high ones, blend in between; scale attention up."""
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp  # weight of the unscaled frequency, per dimension pair
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    inv_freq = (1.0 / (scaling.factor * pos_freqs)) * (1 - extrapolated) + (1.0 / pos_freqs) * extrapolated
+    attention_factor = 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+    return inv_freq, attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions, in Hugging Face's half-rotation layout ([T, head_dim])."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None, max_position: int,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.scaling, self.max_position = head_dim, theta, scaling, max_position
+        inv_freq, self.attention_factor = rope_inv_freq(head_dim, theta, scaling, max_position)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq
+        if self.scaling is not None and self.scaling.kind == "dynamic":
+            # As transformers: past max_position the base grows with the longest position in the step.
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.max_position:
+                inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, self.max_position,
+                                         seq_len)[0].to(positions.device)
+        freqs = positions[:, None].float() * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return ((angles.cos() * self.attention_factor).to(dtype),
+                (angles.sin() * self.attention_factor).to(dtype))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by the per-token angles (cos/sin [T, head_dim])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with SiLU (Llama, Qwen2) or tanh-approximated GELU (Gemma)."""
+
+    def __init__(self, hidden: int, intermediate: int, activation: str, *, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        if activation not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation {activation!r}; expected silu or gelu_pytorch_tanh")
+        self.activation = activation
+        self.gate_proj = Linear(hidden, intermediate, False, dtype=dtype, device=device)
+        self.up_proj = Linear(hidden, intermediate, False, dtype=dtype, device=device)
+        self.down_proj = Linear(intermediate, hidden, False, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x)
+        gate = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(gate * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Self-attention of one layer over the paged KV cache (GQA, optional QKV bias and Q/K norms)."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, qk_norm: bool = False, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
+        self.sliding_window = config.layer_sliding_window(layer)
+        self.softcap = config.attn_logit_softcapping
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = config.attention_bias
+        self.q_proj = Linear(config.hidden_size, q_dim, bias, dtype=dtype, device=device)
+        self.k_proj = Linear(config.hidden_size, kv_dim, bias, dtype=dtype, device=device)
+        self.v_proj = Linear(config.hidden_size, kv_dim, bias, dtype=dtype, device=device)
+        self.o_proj = Linear(q_dim, config.hidden_size, False, dtype=dtype, device=device)
+        # Gemma 3 normalises each head's query and key (Gemma-style, 1 + w) before RoPE.
+        self.q_norm = self.k_norm = None
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True, dtype=dtype, device=device)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True, dtype=dtype, device=device)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        expected = (self.num_kv_heads, self.head_dim)
+        for cache in (k_cache, v_cache):
+            if tuple(cache.shape[1:]) != expected:
+                raise ValueError(f"KV cache of shape {tuple(cache.shape)} does not fit this layer; "
+                                 f"expected [num_slots, {expected[0]}, {expected[1]}]")
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("the model has no KV cache; call bind_kv_cache() before running it")
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, scale=self.scale,
+                              sliding_window=self.sliding_window, softcap=self.softcap)
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
