@@ -179,6 +179,7 @@ class Attention(nn.Module):
                  device: torch.device) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.layer = layer
         self.scale = (config.query_pre_attn_scalar or config.head_dim) ** -0.5
         self.sliding_window = config.layer_sliding_window(layer)
         self.softcap = config.attn_logit_softcapping
@@ -214,6 +215,6 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, scale=self.scale,
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, scale=self.scale, layer=self.layer,
                               sliding_window=self.sliding_window, softcap=self.softcap)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

@@ -14,10 +14,16 @@ sequence the new tokens of this step always occupy the last `query_len` of its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+# Called with (layer index, attention probabilities [num_heads, query_len, context_len]) for a
+# sequence whose KV policy scores tokens by attention; only then are probabilities materialised.
+AttentionObserver = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
@@ -28,6 +34,10 @@ class SequenceSlice:
     query_len: int  # number of new tokens this step
     context_len: int  # cached slots of this sequence after this step's writes
     slot_ids: torch.Tensor  # int64 [context_len]: flat cache slots, oldest first
+    # Which new tokens each new token may see ([query_len, query_len] bool), for verifying a
+    # tree of speculative tokens in one pass; None means causal. Cached slots are always visible.
+    tree_mask: torch.Tensor | None = None
+    observer: AttentionObserver | None = None
 
 
 @dataclass
@@ -45,14 +55,16 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def _allowed_keys(query_len: int, context_len: int, sliding_window: int | None,
-                  device: torch.device) -> torch.Tensor | None:
-    """Boolean [query_len, context_len] mask: causal, and banded for sliding-window layers."""
+def _allowed_keys(seq: SequenceSlice, sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [query_len, context_len] mask: causal (or the tree), banded for sliding-window layers."""
+    query_len, context_len = seq.query_len, seq.context_len
     if query_len == 1 and (sliding_window is None or context_len <= sliding_window):
         return None  # a single new token may see every cached slot
     query_slots = torch.arange(context_len - query_len, context_len, device=device)[:, None]
     key_slots = torch.arange(context_len, device=device)[None, :]
     allowed = key_slots <= query_slots
+    if seq.tree_mask is not None:
+        allowed[:, context_len - query_len:] = seq.tree_mask
     if sliding_window is not None:
         allowed &= key_slots > query_slots - sliding_window
     return allowed
@@ -60,11 +72,12 @@ def _allowed_keys(query_len: int, context_len: int, sliding_window: int | None,
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, *,
-                    scale: float, sliding_window: int | None = None,
+                    scale: float, layer: int, sliding_window: int | None = None,
                     softcap: float | None = None) -> torch.Tensor:
     """Write k, v into the cache, then attend every new query to its sequence's cache.
 
     q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim]. Returns [T, num_heads, head_dim].
+    `layer` identifies the layer to attention observers.
     """
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
@@ -73,24 +86,26 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         qs = q[rows].transpose(0, 1)  # [H, q, D]
         ks = k_cache[seq.slot_ids].transpose(0, 1).to(q.dtype)  # [KVH, ctx, D]
         vs = v_cache[seq.slot_ids].transpose(0, 1).to(q.dtype)
-        allowed = _allowed_keys(seq.query_len, seq.context_len, sliding_window, q.device)
-        if softcap is None:
+        allowed = _allowed_keys(seq, sliding_window, q.device)
+        if softcap is None and seq.observer is None:
             attended = F.scaled_dot_product_attention(
                 qs, ks, vs, attn_mask=allowed, scale=scale, enable_gqa=True)
         else:
-            attended = _softcapped_attention(qs, ks, vs, allowed, scale, softcap)
+            probs = attention_probs(qs, ks, allowed, scale, softcap)
+            if seq.observer is not None:
+                seq.observer(layer, probs)
+            attended = probs.to(q.dtype) @ vs.repeat_interleave(qs.shape[0] // vs.shape[0], dim=0)
         out[rows] = attended.transpose(0, 1)
     return out
 
 
-def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          allowed: torch.Tensor | None, scale: float, softcap: float) -> torch.Tensor:
-    """Attention with tanh soft-capping of the logits (Gemma 2 style), which SDPA lacks."""
-    group = q.shape[0] // k.shape[0]
-    k = k.repeat_interleave(group, dim=0)
-    v = v.repeat_interleave(group, dim=0)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+def attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scale: float,
+                    softcap: float | None = None) -> torch.Tensor:
+    """Explicit float32 softmax(q k^T) [heads, q, ctx], with optional tanh soft-capping (which SDPA lacks)."""
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    return torch.softmax(scores, dim=-1)
