@@ -32,9 +32,15 @@ def transformers_greedy(path, prompt_ids: list[list[int]]) -> list[list[int]]:
     results = []
     with torch.inference_mode():
         for ids in prompt_ids:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 min_new_tokens=NEW_TOKENS, pad_token_id=0)
-            results.append(out[0, len(ids):].tolist())
+            # A plain argmax loop over transformers' KV cache: `generate` would stop at or (with
+            # min_new_tokens) suppress end-of-sequence tokens, which thrifty's ignore_eos keeps.
+            out = model(torch.tensor([ids]), use_cache=True)
+            generated = []
+            for _ in range(NEW_TOKENS):
+                token = int(out.logits[0, -1].argmax())
+                generated.append(token)
+                out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            results.append(generated)
     return results
 
 
