@@ -18,13 +18,13 @@ def tiny_gemma3_gguf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def thrifty_server():
+def thrifty_server(tmp_path_factory):
     """`thrifty serve` on SmolLM2-135M in a subprocess, shared by the tests/test_server_*.py files."""
     from thrifty.catalog import CATALOG
     from tests.server_process import real_server
 
     if not CATALOG["smollm2-135m"].is_installed():
         pytest.skip(f"SmolLM2 is not installed: {CATALOG['smollm2-135m'].install_command}")
-    server = real_server()
+    server = real_server(tmp_path_factory.mktemp("server") / "thrifty-serve.log")
     yield server
     assert server.stop() == 0, server.output()  # SIGTERM drains and exits cleanly

@@ -49,7 +49,7 @@ class _Req:
 class FakeEngine:
     """Generates "abcd..." one letter per step per sequence, `step_seconds` per step; one KV block per request."""
 
-    def __init__(self, step_seconds: float = 0.0, max_num_seqs: int = 4, max_model_len: int = 64) -> None:
+    def __init__(self, step_seconds: float = 0.0, max_num_seqs: int = 4, max_model_len: int = 256) -> None:
         self.config = FakeConfig(max_num_seqs=max_num_seqs)
         self.tokenizer = FakeTokenizer()
         self.max_model_len = max_model_len

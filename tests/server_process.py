@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +27,11 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, command: list[str], port: int, ready_timeout: float = 180.0) -> None:
+    def __init__(self, command: list[str], port: int, log_path: Path, ready_timeout: float = 180.0) -> None:
         self.base_url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="thrifty-server-", suffix=".log", delete=False)
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.log_path = log_path
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.process.poll() is not None:
@@ -47,7 +47,7 @@ class ServerProcess:
             time.sleep(0.2)
 
     def output(self) -> str:
-        return Path(self.log.name).read_text()
+        return self.log_path.read_text()
 
     def terminate(self) -> None:
         """Send SIGTERM (the server drains, then exits)."""
@@ -67,11 +67,12 @@ class ServerProcess:
         return self.wait(timeout)
 
 
-def real_server() -> ServerProcess:
+def real_server(log_path: Path) -> ServerProcess:
     port = free_port()
-    return ServerProcess([sys.executable, "-m", "thrifty.cli", "serve", "--port", str(port), *REAL_SERVER_ARGS], port)
+    return ServerProcess([sys.executable, "-m", "thrifty.cli", "serve", "--port", str(port), *REAL_SERVER_ARGS], port,
+                         log_path)
 
 
-def fake_server(step_seconds: float) -> ServerProcess:
+def fake_server(step_seconds: float, log_path: Path) -> ServerProcess:
     port = free_port()
-    return ServerProcess([sys.executable, "-m", "tests.server_fakes", str(port), str(step_seconds)], port)
+    return ServerProcess([sys.executable, "-m", "tests.server_fakes", str(port), str(step_seconds)], port, log_path)

@@ -142,6 +142,20 @@ def test_extra_body_sampling_options(client):
     assert out.usage.completion_tokens == 3
 
 
+def test_kv_policy_and_speculation_per_request(client):
+    prompt = "The list goes: apple, pear, plum, apple, pear, plum, apple, pear, plum, apple, pear,"
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    speculative = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                            extra_body={"speculative": "ngram", "num_speculative_tokens": 3})
+    assert speculative.choices[0].text == plain.choices[0].text  # greedy output does not depend on drafts
+    evicted = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0,
+                                        extra_body={"kv_policy": "streaming_llm", "kv_budget": 16,
+                                                    "ignore_eos": True})
+    assert evicted.usage.completion_tokens == 4
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body={"kv_policy": "magic"})
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b'{"prompt": "x", "max_tokens": ', 400, None),  # malformed JSON
     (b'["not", "an", "object"]', 400, None),

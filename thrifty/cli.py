@@ -17,11 +17,27 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                    help=f"catalog name (see `thrifty models`), GGUF file or Hugging Face directory (default {DEFAULT_MODEL})")
     g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--weights", default="fp32", choices=["auto", "gguf", "int8", "int4", "bf16", "fp32"],
+                   help="run format of matmul weights: auto picks the fastest that keeps quality on this CPU; "
+                        "gguf keeps 4-bit GGUF blocks as int4; fp32 (default) is exact and batch-invariant")
     g.add_argument("--max-model-len", type=int, help="context window to use (default: the model's)")
     g.add_argument("--kv-cache-tokens", type=int, help="KV pool size in tokens")
     g.add_argument("--kv-cache-memory", help="KV pool size in bytes, e.g. 512MiB (instead of --kv-cache-tokens)")
     g.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     g.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template to use instead of the model's")
+    g.add_argument("--kv-policy", help="KV eviction for requests that do not choose: streaming_llm, h2o, snapkv, "
+                                       "tova, knorm, keyformer (default none)")
+    g.add_argument("--kv-budget", type=_kv_budget, help="KV slots each sequence keeps: tokens (e.g. 512) "
+                                                        "or a fraction of the prompt (e.g. 0.25)")
+    g.add_argument("--speculative", choices=["ngram", "history", "off"],
+                   help="speculative decoding for requests that do not choose (default off)")
+    g.add_argument("--num-speculative-tokens", type=int, default=5, help="most draft tokens per step (default 5)")
+    g.add_argument("--no-speculative-adaptive", action="store_true",
+                   help="fixed draft length; by default it follows acceptance and turns off when it does not pay")
+
+
+def _kv_budget(text: str) -> int | float:
+    return float(text) if "." in text else int(text)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -60,11 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(serve)
     add_server_options(serve)
 
-    from thrifty.bench import serve as bench_serve
+    from thrifty.bench import kv as bench_kv, serve as bench_serve, spec as bench_spec, speed as bench_speed
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_kinds = bench.add_subparsers(dest="bench_kind", required=True)
     bench_serve.add_arguments(bench_kinds.add_parser("serve", help=bench_serve.__doc__.splitlines()[0]))
+    bench_speed.add_arguments(bench_kinds.add_parser("speed", help=bench_speed.__doc__.splitlines()[0]))
+    bench_spec.add_arguments(bench_kinds.add_parser("spec", help=bench_spec.__doc__.splitlines()[0]))
+    bench_kv.add_arguments(bench_kinds.add_parser("kv", help=bench_kv.__doc__.splitlines()[0]))
     return parser
 
 
@@ -96,11 +115,13 @@ def make_llm(args: argparse.Namespace, **engine_options: object):
         with open(args.chat_template, encoding="utf-8") as f:
             chat_template = f.read()
     started = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, weights=args.weights, max_model_len=args.max_model_len,
               kv_cache_tokens=args.kv_cache_tokens,
               kv_cache_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
               num_threads=args.threads, chat_template=chat_template, show_progress=sys.stderr.isatty(),
-              **engine_options)
+              speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+              speculative_adaptive=not args.no_speculative_adaptive,
+              kv_policy=args.kv_policy, kv_budget=args.kv_budget, **engine_options)
     print(f"[loaded {args.model} in {time.perf_counter() - started:.1f}s]", file=sys.stderr)
     return llm
 
@@ -202,9 +223,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from thrifty.bench import serve as bench_serve
+    from thrifty.bench import kv as bench_kv, serve as bench_serve, spec as bench_spec, speed as bench_speed
 
-    {"serve": bench_serve.run}[args.bench_kind](args)
+    {"serve": bench_serve.run, "spec": bench_spec.run, "kv": bench_kv.run,
+     "speed": bench_speed.run}[args.bench_kind](args)
 
 
 def main(argv: list[str] | None = None) -> int:

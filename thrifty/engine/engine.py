@@ -14,14 +14,18 @@ from thrifty.engine.model_runner import ModelRunner
 from thrifty.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from thrifty.engine.sampler import Sampler, TokenLogprob
 from thrifty.engine.sampling_params import SamplingParams
-from thrifty.engine.scheduler import SCHEDULING_POLICIES, Scheduler
+from thrifty.engine.scheduler import SCHEDULING_POLICIES, ScheduledSequence, Scheduler
 from thrifty.engine.sequence import Sequence
 from thrifty.errors import InvalidRequestError, PromptTooLongError
 from thrifty.kv.blocks import BlockManager
 from thrifty.kv.cache import KVCache, pool_blocks
+from thrifty.kv.compression import KVCompressor, KVSpec
 from thrifty.loading.source import open_model_source
 from thrifty.loading.tokenizer import Tokenizer
 from thrifty.models.registry import build_model
+from thrifty.quant.convert import finish_loading, set_weights_choice
+from thrifty.quant.formats import WEIGHT_CHOICES, resolve_choice
+from thrifty.spec.speculator import Speculator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_POOL_TOKENS = 16384
@@ -32,6 +36,7 @@ class EngineConfig:
     model: str = DEFAULT_MODEL  # catalog name, GGUF file or Hugging Face directory
     device: str = "cpu"
     dtype: str = "float32"
+    weights: str = "fp32"  # run format of matmul weights: auto|gguf|int8|int4|bf16|fp32 (thrifty.quant)
     max_model_len: int | None = None  # default: the model's context window
     kv_cache_tokens: int | None = None  # KV pool size in tokens ...
     kv_cache_bytes: int | None = None  # ... or in bytes (default: max(context, 16384) tokens)
@@ -42,7 +47,14 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     chat_template: str | None = None  # overrides the model's own
     num_threads: int | None = None
+    # KV eviction for requests that do not choose (SamplingParams.kv_policy): policy name and budget
+    kv_policy: str | None = None
+    kv_budget: int | float | None = None  # tokens (int) or a fraction of the prompt (float)
+    kv_policy_options: dict[str, object] | None = None
     show_progress: bool = False
+    speculative: str | None = None  # default proposer for requests that do not choose: ngram | history
+    num_speculative_tokens: int = 5  # most draft tokens per sequence and step
+    speculative_adaptive: bool = True  # draft length from acceptance and step cost; plain decoding when it does not pay
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -51,12 +63,18 @@ class EngineConfig:
             raise InvalidRequestError(f"device {self.device!r} is unknown; use cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InvalidRequestError("device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+        if self.weights not in WEIGHT_CHOICES:
+            raise InvalidRequestError(f"weights {self.weights!r} is unknown; use one of {', '.join(WEIGHT_CHOICES)}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise InvalidRequestError(f"scheduling policy {self.scheduling_policy!r} is unknown; "
                                       f"use one of {SCHEDULING_POLICIES}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be at least 1")
+        if self.speculative not in (None, "off", "ngram", "history"):
+            raise InvalidRequestError(f"speculative method {self.speculative!r} is unknown; use ngram, history or off")
+        if not 1 <= self.num_speculative_tokens <= 64:
+            raise InvalidRequestError("num_speculative_tokens must be between 1 and 64")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequestError("max_model_len must be at least 2")
 
@@ -103,10 +121,13 @@ class LLMEngine:
         self.tokenizer = (Tokenizer.from_gguf(path, name=config.model) if source.format == "gguf"
                           else Tokenizer.from_pretrained_dir(path, name=config.model))
         self.model = build_model(self.model_config, self.dtype, self.device)
+        self.weights = resolve_choice(config.weights, self.device)
+        set_weights_choice(self.model, self.weights)
         weights = source.iter_weights()
         if config.show_progress:
             weights = tqdm(weights, desc="loading weights", unit=" tensors", leave=False)
         self.model.load_weights(weights)
+        finish_loading(self.model)
 
         context = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or context, context)
@@ -117,8 +138,17 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.scheduling_policy)
-        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        default_kv = None
+        if config.kv_policy not in (None, "none"):
+            if config.kv_budget is None:
+                raise InvalidRequestError(f"kv_policy {config.kv_policy!r} needs a kv_budget")
+            default_kv = KVSpec(config.kv_policy, config.kv_budget, dict(config.kv_policy_options or {}))
+        self.kv_compressor = KVCompressor(self.kv_cache, self.block_manager, self.model_config, default_kv)
+        self.runner = ModelRunner(self.model, config.block_size, self.device, self.kv_compressor.prepare)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
+        self.speculator = Speculator(self.block_manager, self.kv_cache.layers, self.tokenizer.eos_token_ids,
+                                     self.max_model_len, config.speculative, config.num_speculative_tokens,
+                                     config.speculative_adaptive, self.model_config.sliding_window)
         self.requests: dict[str, _Request] = {}
 
     # -- requests -----------------------------------------------------------------------
@@ -142,6 +172,7 @@ class LLMEngine:
         if not token_ids:
             raise InvalidRequestError("the prompt is empty; give at least one token")
         self._check_fits(len(token_ids), params)
+        self.kv_compressor.resolve(params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(request_id, i, token_ids, params, arrival) for i in range(params.n)]
         texts = [_SequenceText(IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens))
@@ -149,6 +180,7 @@ class LLMEngine:
         self.requests[request_id] = _Request(request_id, prompt if isinstance(prompt, str) else None,
                                              token_ids, params, seqs, texts, RequestMetrics(arrival))
         for seq in seqs:
+            self.kv_compressor.add(seq)
             self.scheduler.add(seq)
 
     def _check_fits(self, prompt_len: int, params: SamplingParams) -> None:
@@ -192,28 +224,38 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one batched forward pass; return outputs of the requests that moved."""
+        self.speculator.propose(self.scheduler.running)
         schedule = self.scheduler.schedule()
         if not schedule.scheduled:
             return []
+        started = time.perf_counter()
         logits = self.runner.execute(schedule.scheduled)
-        sampled: list[Sequence] = []
+        self.speculator.record_step(sum(i.num_query_tokens for i in schedule.scheduled), time.perf_counter() - started)
+        sampled: list[ScheduledSequence] = []
         for item in schedule.scheduled:
             item.seq.num_computed_tokens += item.num_tokens
-            self.block_manager.commit(item.seq)
+            self.block_manager.commit(item.seq)  # a no-op while draft slots are reserved
             if item.seq.num_computed_tokens == item.seq.num_tokens:
-                sampled.append(item.seq)
-        tokens, logprobs = self.sampler(logits, sampled)
+                sampled.append(item)
         now = time.monotonic()
         touched: dict[str, _Request] = {}
-        for seq, token, logprob in zip(sampled, tokens, logprobs):
+        for item, (tokens, logprobs) in zip(sampled, self.speculator.sample(sampled, logits, self.sampler)):
+            seq = item.seq
             request = self.requests[seq.request_id]
-            seq.token_ids.append(token)
-            self._process_token(request, seq, token, logprob)
+            appended = 0
+            for token, logprob in zip(tokens, logprobs):
+                seq.token_ids.append(token)
+                appended += 1
+                self._process_token(request, seq, token, logprob)
+                if seq.is_finished:
+                    break
+            self.speculator.settle(item, appended)
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             if seq.is_finished:
                 self.scheduler.finish(seq)
             touched[request.request_id] = request
+        self.kv_compressor.after_step(schedule.scheduled)
         outputs = []
         for request in touched.values():
             if request.finished:
@@ -270,8 +312,8 @@ class LLMEngine:
 
     # -- introspection ----------------------------------------------------------------------
 
-    def stats(self) -> dict[str, int]:
-        return {
+    def stats(self) -> dict[str, float]:
+        return {**self.speculator.stats(),
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_blocks_total": self.block_manager.num_blocks,

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from collections.abc import Callable
+
 from thrifty.engine.scheduler import ScheduledSequence
-from thrifty.models.paged_attention import AttentionMetadata, SequenceSlice
+from thrifty.engine.sequence import Sequence
+from thrifty.models.paged_attention import AttentionMetadata, AttentionObserver, SequenceSlice
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device,
+                 observer_for: Callable[[Sequence], AttentionObserver | None] | None = None) -> None:
         self.model = model
+        self.observer_for = observer_for  # KV policies that score by attention get their observer here
         self.block_size = block_size
         self.device = device
         self._slot_offsets = torch.arange(block_size, device=device)
@@ -21,7 +26,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSequence]) -> torch.Tensor:
-        """Compute this step's tokens; return float32 logits, one row per sequence whose chunk completes.
+        """Compute this step's tokens; return float32 logits, one row per sequence whose chunk completes
+        (1 + len(draft) rows, one per tree node, for a sequence with a speculative draft).
 
         The scheduler has already reserved KV slots for the new tokens, so for each sequence
         they are the last `num_tokens` of its `num_cached_slots`.
@@ -32,16 +38,22 @@ class ModelRunner:
         new_slots: list[torch.Tensor] = []
         sample_rows: list[int] = []
         for item in batch:
-            seq, n = item.seq, item.num_tokens
+            seq, n = item.seq, item.num_query_tokens
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
+            input_ids.extend(seq.token_ids[start:start + item.num_tokens])
+            positions.extend(range(start, start + item.num_tokens))
+            tree_mask = None
+            if item.draft is not None:  # speculative tokens after the last real one, one logits row each
+                input_ids.extend(item.draft.token_ids)
+                positions.extend(start + depth for depth in item.draft.depths)
+                tree_mask = item.draft.tree_mask()
             slot_ids = self._slots(seq.block_table, seq.num_cached_slots)
             slices.append(SequenceSlice(query_start=len(input_ids) - n, query_len=n,
-                                        context_len=seq.num_cached_slots, slot_ids=slot_ids))
+                                        context_len=seq.num_cached_slots, slot_ids=slot_ids, tree_mask=tree_mask,
+                                        observer=self.observer_for(seq) if self.observer_for else None))
             new_slots.append(slot_ids[-n:])
             if item.completes:
-                sample_rows.append(len(input_ids) - 1)
+                sample_rows.extend(range(len(input_ids) - 1 - n + item.num_tokens, len(input_ids)))
         meta = AttentionMetadata(slot_mapping=torch.cat(new_slots), sequences=slices)
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=self.device),
                             torch.tensor(positions, dtype=torch.long, device=self.device), meta)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from thrifty.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+SPECULATIVE_METHODS = (None, "off", "ngram", "history")
 
 
 @dataclass
@@ -35,6 +36,14 @@ class SamplingParams:
     logprobs: int | None = None  # how many top alternatives to report per generated token
     skip_special_tokens: bool = True
     priority: int = 0
+    # Speculative decoding: "ngram" (prompt lookup), "history" (shared pool, token trees), "off",
+    # or None for the engine's default; num_speculative_tokens caps the draft (None: engine default).
+    speculative: str | None = None
+    num_speculative_tokens: int | None = None
+    # KV-cache eviction (thrifty.kv.policies); None: the engine's default policy.
+    kv_policy: str | None = None  # a policy name, or "none" to opt out of an engine default
+    kv_budget: int | float | None = None  # KV slots to keep: tokens (int) or a fraction of the prompt (float)
+    kv_policy_options: dict[str, object] = field(default_factory=dict)  # e.g. {"window_size": 16} for snapkv
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -83,3 +92,22 @@ class SamplingParams:
             raise bad("logprobs", self.logprobs, f"it must be between 0 and {MAX_LOGPROBS}")
         if not isinstance(self.priority, int):
             raise bad("priority", self.priority, "it must be an integer (lower runs first)")
+        if self.speculative not in SPECULATIVE_METHODS:
+            raise bad("speculative", self.speculative,
+                      f"use one of {', '.join(m for m in SPECULATIVE_METHODS if m)}, or leave it unset")
+        if self.num_speculative_tokens is not None and (
+                not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 64):
+            raise bad("num_speculative_tokens", self.num_speculative_tokens, "it must be an integer in [1, 64]")
+        self._validate_kv()
+
+    def _validate_kv(self) -> None:
+        from thrifty.kv.compression import check_budget  # the kv package imports this module
+        from thrifty.kv.policies import POLICIES, make_policy
+
+        if self.kv_policy is not None and self.kv_policy != "none":
+            make_policy(self.kv_policy, self.kv_policy_options)
+        elif self.kv_policy_options:
+            raise InvalidRequestError("kv_policy_options were given without a kv_policy; "
+                                      f"name one of {', '.join(POLICIES)}")
+        if self.kv_budget is not None:
+            check_budget(self.kv_budget)

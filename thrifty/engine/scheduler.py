@@ -2,7 +2,9 @@
 
 Each step has a token budget. Running sequences go first (a decode costs one token, an
 unfinished prefill continues with a chunk), then waiting sequences are admitted while
-budget, sequence slots and KV blocks last. When a running sequence needs a block and
+budget, sequence slots and KV blocks last. A decoding sequence with a speculative draft
+computes 1 + len(draft) tokens (slots reserved for all; the draft is dropped, never a
+sequence preempted, when budget or blocks fall short). When a running sequence needs a block and
 none is free, the lowest-ranked running sequence is preempted: its blocks are freed and
 it goes back to the waiting queue, to be recomputed (prompt plus what it generated)
 when it is admitted again.
@@ -12,9 +14,13 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from thrifty.engine.sequence import Sequence, SequenceStatus
 from thrifty.kv.blocks import BlockManager
+
+if TYPE_CHECKING:
+    from thrifty.spec.draft import Draft
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
@@ -23,6 +29,12 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 class ScheduledSequence:
     seq: Sequence
     num_tokens: int  # tokens of seq.token_ids the model computes this step
+    draft: Draft | None = None  # speculative tokens computed after them (KV slots reserved too)
+    accepted_path: list[int] = field(default_factory=list)  # draft nodes verification accepted
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.num_tokens + (len(self.draft) if self.draft else 0)
 
     @property
     def completes(self) -> bool:
@@ -80,13 +92,21 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            self.blocks.append_slots(seq, num_tokens)
-            out.scheduled.append(ScheduledSequence(seq, num_tokens))
-            budget -= num_tokens
+            item = ScheduledSequence(seq, num_tokens, self._take_draft(seq, num_tokens, budget))
+            self.blocks.append_slots(seq, item.num_query_tokens)
+            out.scheduled.append(item)
+            budget -= item.num_query_tokens
             i += 1
         if not out.preempted:
             self._admit(out, budget)
         return out
+
+    def _take_draft(self, seq: Sequence, num_tokens: int, budget: int) -> Draft | None:
+        """The sequence's draft if it decodes this step and budget and free blocks allow (never preempts)."""
+        draft, seq.draft = seq.draft, None
+        if draft is None or seq.num_uncomputed_tokens != 1 or num_tokens + len(draft) > budget:
+            return None
+        return draft if self.blocks.can_append(seq, num_tokens + len(draft)) else None
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

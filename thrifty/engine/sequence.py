@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from thrifty.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from thrifty.spec.draft import Draft
 
 _sequence_ids = itertools.count()
 
@@ -46,6 +50,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.output_logprobs: list[dict] = []
         self.generator: torch.Generator | None = None
+        self.draft: Draft | None = None  # speculative tokens proposed for the coming step
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
 

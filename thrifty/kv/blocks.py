@@ -160,6 +160,53 @@ class BlockManager:
             self._forget_hash(seq.block_table[-1])
         seq.num_cached_slots = num_slots
 
+    def shared_prefix_blocks(self, seq: Sequence) -> int:
+        """How many of the sequence's leading blocks other sequences also hold."""
+        count = 0
+        while count < len(seq.block_table) and self.ref_counts[seq.block_table[count]] > 1:
+            count += 1
+        return count
+
+    def can_compact(self, seq: Sequence, num_slots: int, keep_blocks: int = 0) -> bool:
+        """Whether `compact` finds blocks for its copies (counting the blocks it frees)."""
+        keep = self.blocks_for(num_slots)
+        table = seq.block_table
+        shared = sum(1 for b in table[keep_blocks:keep] if self.ref_counts[b] > 1)
+        freed = sum(1 for b in table[keep:] if self.ref_counts[b] == 1)
+        return shared <= self.num_free_blocks + freed
+
+    def compact(self, seq: Sequence, num_slots: int, keep_blocks: int = 0) -> bool:
+        """Make room for an eviction that rewrites slots [0, num_slots) in place and drops the rest.
+
+        The first `keep_blocks` blocks stay exactly as they are (the caller will not write
+        them). Blocks past `num_slots` are freed; any other kept block shared with another
+        sequence is swapped for a fresh private one (copy-on-write, with nothing to copy: the
+        caller rewrites every such slot); rewritten blocks leave the prefix cache, since their
+        content changes. Returns False, changing nothing, when the fresh blocks cannot be had.
+        """
+        if num_slots > seq.num_cached_slots:
+            raise ValueError(f"cannot compact {seq.num_cached_slots} slots to {num_slots}")
+        if not self.can_compact(seq, num_slots, keep_blocks):
+            return False
+        keep = self.blocks_for(num_slots)
+        table = seq.block_table
+        shared = [i for i in range(keep_blocks, keep) if self.ref_counts[table[i]] > 1]
+        for block in table[keep:]:
+            self._release(block)
+        del table[keep:]
+        for i in range(keep_blocks, keep):
+            if i in shared:
+                fresh, _ = self.free_blocks.popitem(last=False)
+                self._forget_hash(fresh)
+                self.ref_counts[fresh] = 1
+                self._release(table[i])
+                table[i] = fresh
+            else:
+                self._forget_hash(table[i])
+        del self.seq_block_hashes.setdefault(seq.seq_id, [])[keep_blocks:]
+        seq.num_cached_slots = num_slots
+        return True
+
     def free(self, seq: Sequence) -> None:
         for block in reversed(seq.block_table):
             self._release(block)

@@ -16,6 +16,8 @@ from torch import nn
 from thrifty.config import ModelConfig, RopeScaling
 from thrifty.loading.weights import WeightTensor, to_tensor
 from thrifty.models.paged_attention import AttentionMetadata, paged_attention
+from thrifty.quant.formats import weight_format
+from thrifty.quant.packed import PackedWeight, concat, pack
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -34,7 +36,14 @@ class WeightModule(nn.Module):
 
 
 class Linear(WeightModule):
-    """y = x W^T + b, with W loadable from a dense or a GGUF-quantized weight."""
+    """y = x W^T + b, with W loadable from a dense or a GGUF-quantized weight.
+
+    With a `weights_choice` other than fp32 (set before loading), W is packed as it loads
+    (int8, int4 or bfloat16) and the float parameter is never filled, so it takes no memory.
+    """
+
+    weights_choice: str = "fp32"
+    packed: PackedWeight | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -42,7 +51,43 @@ class Linear(WeightModule):
         self.weight = _param(out_features, in_features, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
+    def load_param(self, name: str, weight: WeightTensor) -> None:
+        fmt = weight_format(self.weights_choice, weight) if name == "weight" else None
+        if fmt is None:
+            super().load_param(name, weight)
+            return
+        self.packed = pack(to_tensor(weight, torch.float32), fmt)
+        self.weight = _param(0, dtype=self.weight.dtype, device=self.weight.device)
+
+    def pack_loaded(self) -> None:
+        """Pack a weight that was loaded dense under another name (an lm_head tied to the embedding)."""
+        if self.weights_choice == "fp32" or self.packed is not None:
+            return
+        fmt = weight_format(self.weights_choice, self.weight.detach())
+        if fmt is not None:
+            self.packed = pack(self.weight.detach(), fmt)
+            self.weight = _param(0, dtype=self.weight.dtype, device=self.weight.device)
+
+    @classmethod
+    def fuse(cls, parts: list[Linear]) -> Linear:
+        """One Linear computing all parts' outputs side by side: one matmul call instead of several."""
+        first = parts[0]
+        fused = cls.__new__(cls)
+        WeightModule.__init__(fused)
+        fused.weights_choice = first.weights_choice
+        biases = [p.bias for p in parts]
+        fused.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
+        if all(p.packed is not None for p in parts):
+            fused.packed = concat([p.packed for p in parts])
+            fused.weight = _param(0, dtype=first.weight.dtype, device=first.weight.device)
+        else:
+            dense = [p.weight if p.packed is None else p.packed.dequantize().to(first.weight.dtype) for p in parts]
+            fused.weight = nn.Parameter(torch.cat(dense), requires_grad=False)
+        return fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.linear(x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -162,14 +207,25 @@ class GatedMLP(nn.Module):
         if activation not in ("silu", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported activation {activation!r}; expected silu or gelu_pytorch_tanh")
         self.activation = activation
+        self.intermediate = intermediate
         self.gate_proj = Linear(hidden, intermediate, False, dtype=dtype, device=device)
         self.up_proj = Linear(hidden, intermediate, False, dtype=dtype, device=device)
         self.down_proj = Linear(intermediate, hidden, False, dtype=dtype, device=device)
 
+        self.gate_up_proj: Linear | None = None
+
+    def fuse(self) -> None:
+        """Replace gate_proj and up_proj by one fused projection (after loading)."""
+        self.gate_up_proj = Linear.fuse([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         gate = F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")
-        return self.down_proj(gate * self.up_proj(x))
+        return self.down_proj(gate * up)
 
 
 class Attention(nn.Module):
@@ -194,8 +250,15 @@ class Attention(nn.Module):
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True, dtype=dtype, device=device)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True, dtype=dtype, device=device)
+        self.qkv_proj: Linear | None = None
+        self.qkv_sizes = (q_dim, kv_dim, kv_dim)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one fused projection (after loading)."""
+        self.qkv_proj = Linear.fuse([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         expected = (self.num_kv_heads, self.head_dim)
@@ -209,9 +272,13 @@ class Attention(nn.Module):
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("the model has no KV cache; call bind_kv_cache() before running it")
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(tokens, self.num_heads, self.head_dim)
+        k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -15,7 +15,7 @@ sequence the new tokens of this step always occupy the last `query_len` of its
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +41,46 @@ class SequenceSlice:
 
 
 @dataclass
+class DecodeBatch:
+    """The single-token sequences of a step, padded so all of them attend in one SDPA call."""
+
+    indices: list[int]  # their positions in AttentionMetadata.sequences
+    rows: torch.Tensor  # int64 [B]: their rows in the flat batch
+    slot_ids: torch.Tensor  # int64 [B, max_context]: cache slots, padded with slot 0
+    context_lens: torch.Tensor  # int64 [B, 1]
+    valid: torch.Tensor  # bool [B, max_context]: which padded slots are real
+
+    @classmethod
+    def build(cls, sequences: list[SequenceSlice]) -> DecodeBatch | None:
+        # Trees and observers need the per-sequence path; a lone decode gains nothing from padding.
+        indices = [i for i, s in enumerate(sequences)
+                   if s.query_len == 1 and s.tree_mask is None and s.observer is None]
+        if len(indices) < 2:
+            return None
+        chosen = [sequences[i] for i in indices]
+        device = chosen[0].slot_ids.device
+        slot_ids = torch.nn.utils.rnn.pad_sequence([s.slot_ids for s in chosen], batch_first=True)
+        lens = torch.tensor([s.context_len for s in chosen], device=device)[:, None]
+        valid = torch.arange(slot_ids.shape[1], device=device)[None, :] < lens
+        rows = torch.tensor([s.query_start for s in chosen], device=device)
+        return cls(indices, rows, slot_ids, lens, valid)
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs about the batch, built once per step by the model runner."""
 
     slot_mapping: torch.Tensor  # int64 [num_new_tokens]: where each new token's K/V goes
     sequences: list[SequenceSlice]
+    # Built on first use by the first layer and shared by the others.
+    _decode: DecodeBatch | None = field(default=None, init=False, repr=False)
+    _decode_built: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def decode(self) -> DecodeBatch | None:
+        if not self._decode_built:
+            self._decode, self._decode_built = DecodeBatch.build(self.sequences), True
+        return self._decode
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -81,7 +116,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
-    for seq in meta.sequences:
+    decode = meta.decode if softcap is None else None
+    batched = set()
+    if decode is not None:
+        out[decode.rows] = _batched_decode(q, k_cache, v_cache, decode, scale, sliding_window)
+        batched = set(decode.indices)
+    for i, seq in enumerate(meta.sequences):
+        if i in batched:
+            continue
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         qs = q[rows].transpose(0, 1)  # [H, q, D]
         ks = k_cache[seq.slot_ids].transpose(0, 1).to(q.dtype)  # [KVH, ctx, D]
@@ -97,6 +139,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             attended = probs.to(q.dtype) @ vs.repeat_interleave(qs.shape[0] // vs.shape[0], dim=0)
         out[rows] = attended.transpose(0, 1)
     return out
+
+
+def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeBatch,
+                    scale: float, sliding_window: int | None) -> torch.Tensor:
+    """One SDPA call for all single-token sequences over their padded, gathered caches: [B, H, D]."""
+    qs = q[decode.rows][:, :, None, :]  # [B, H, 1, D]
+    ks = k_cache[decode.slot_ids].permute(0, 2, 1, 3).to(q.dtype)  # [B, KVH, ctx, D]
+    vs = v_cache[decode.slot_ids].permute(0, 2, 1, 3).to(q.dtype)
+    allowed = decode.valid
+    if sliding_window is not None:
+        slots = torch.arange(allowed.shape[1], device=q.device)[None, :]
+        allowed = allowed & (slots >= decode.context_lens - sliding_window)
+    attended = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None, None, :], scale=scale,
+                                              enable_gqa=True)
+    return attended[:, :, 0, :]
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, scale: float,

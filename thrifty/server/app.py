@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
@@ -91,7 +90,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         return APIError(error.status_code, message, headers=error.headers).response()
 
     app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, handler(lambda e: APIError(400, str(e.errors()[:3]))))
 
     async def unexpected(_: Request, error: Exception) -> Response:
         logger.exception("unhandled error", exc_info=error)

@@ -280,7 +280,7 @@ class AsyncEngine:
     def _add(self, command: _Add) -> None:
         stream, added = command.stream, []
         try:
-            for index, (request_id, prompt) in enumerate(zip(stream.request_ids, command.prompts)):
+            for index, (request_id, prompt) in enumerate(zip(stream.request_ids, command.prompts, strict=True)):
                 self.engine.add_request(request_id, prompt, command.params, arrival_time=command.arrival_time)
                 self._streams[request_id] = (stream, index)
                 added.append(request_id)

@@ -16,6 +16,9 @@ from thrifty.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from thrifty.errors import InvalidRequestError
 
 MAX_N = 128  # as OpenAI
+# Temperatures below this sample greedily, as in vLLM: dividing logits by a near-zero temperature
+# overflows to inf and the sampler would see NaN probabilities.
+MIN_TEMPERATURE = 1e-5
 MAX_PROMPTS = 256  # prompts in one /v1/completions batch
 INT64 = 2**63
 
@@ -44,8 +47,7 @@ class SamplingFields(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
-    # thrifty's own options, sent by the official client as `extra_body` (vLLM's names).
-    # The KV-cache policy and speculative-decoding settings join this group when the engine has them.
+    # thrifty's own options, sent by the official client as `extra_body` (vLLM's names where vLLM has them).
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
@@ -55,11 +57,21 @@ class SamplingFields(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    kv_policy: str | None = None  # KV eviction: a policy name, or "none" to opt out of the server's default
+    kv_budget: int | float | None = None  # KV slots kept: tokens (int) or a fraction of the prompt (float)
+    kv_policy_options: dict[str, Any] | None = None
+    speculative: str | None = None  # "ngram", "history" or "off"; unset: the server's default
+    num_speculative_tokens: int | None = None
 
     def check_supported(self, vocab_size: int) -> None:
         """Refuse, with a reason, what the OpenAI API has but this server cannot do."""
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported by this server; remove it")
+        if self.kv_policy_options:
+            # The policies do not check their option values yet, and a bad one fails the engine step
+            # of every request in the batch, so clients cannot set them until the policies do.
+            raise InvalidRequestError("kv_policy_options cannot be set per request on this server yet; "
+                                      "use kv_policy and kv_budget")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true")
         bad_ids = [t for t in self.stop_token_ids or [] if not 0 <= t < vocab_size]
@@ -70,7 +82,8 @@ class SamplingFields(_Request):
         """The engine's SamplingParams; InvalidRequestError (400) if a value is out of range."""
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=1.0 if self.temperature is None else
+            0.0 if 0 <= self.temperature < MIN_TEMPERATURE else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0, min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
@@ -78,7 +91,9 @@ class SamplingFields(_Request):
             seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, priority=self.priority)
+            skip_special_tokens=self.skip_special_tokens, priority=self.priority,
+            kv_policy=self.kv_policy, kv_budget=self.kv_budget, speculative=self.speculative,
+            num_speculative_tokens=self.num_speculative_tokens)
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -130,9 +145,11 @@ class ChatMessage(_Request):
         if isinstance(content, list):
             texts = []
             for part in content:
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise InvalidRequestError(f"messages[{index}] has a content part of type {part.type!r}; "
                                               "this server only takes text parts")
+                if part.text is None:
+                    raise InvalidRequestError(f"messages[{index}] has a text part without 'text'")
                 texts.append(part.text)
             content = "\n".join(texts)
         # OpenAI's "developer" role is the system role under a new name.

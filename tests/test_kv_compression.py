@@ -1,0 +1,187 @@
+"""KV eviction through the engine: exactness at full budget, real freeing, batching, prefix sharing."""
+
+import pytest
+import torch
+
+from thrifty.api import LLM
+from thrifty.engine.sampling_params import SamplingParams
+from thrifty.engine.sequence import Sequence
+from thrifty.errors import InvalidRequestError
+from thrifty.kv.blocks import BlockManager
+from thrifty.kv.policies import POLICIES
+
+PROMPT = ("hello world, this is a longer prompt that needs more than one block of the cache "
+          "and then some more words so that eviction has something to choose from")
+MAX_TOKENS = 16
+
+
+def greedy(**kv) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **kv)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_gguf):
+    return LLM(str(tiny_llama_gguf), kv_cache_tokens=4096, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def baseline(llm):
+    return llm.generate(PROMPT, greedy())[0].outputs[0].token_ids
+
+
+def tokens(llm, params, prompt=PROMPT):
+    return llm.generate(prompt, params)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_budget_at_sequence_length_reproduces_full_cache(llm, baseline, policy):
+    n = len(llm.tokenizer.encode(PROMPT)) + MAX_TOKENS
+    # n - 1: the policy is live (observer attached, scores gathered) but never has to evict.
+    for budget in (n - 1, n, 10 * n):
+        assert tokens(llm, greedy(kv_policy=policy, kv_budget=budget)) == baseline, budget
+    assert llm.engine.kv_compressor.stats.compactions == 0
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_compression_frees_blocks_during_generation(llm, policy):
+    engine = llm.engine
+    blocks = engine.block_manager
+    prompt_len = len(llm.tokenizer.encode(PROMPT))
+    budget = 8
+    engine.add_request("r", PROMPT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                   kv_policy=policy, kv_budget=budget))
+    seq = engine.requests["r"].seqs[0]
+    peak_after_prefill = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        if not seq.is_finished and not seq.in_prefill:
+            # Never more than budget + one block of slack after a step, whatever the sequence length.
+            assert seq.num_cached_slots < budget + blocks.block_size
+            assert len(seq.block_table) == blocks.blocks_for(seq.num_cached_slots)
+            peak_after_prefill = max(peak_after_prefill, blocks.num_used_blocks)
+            assert seq.num_computed_tokens == seq.num_tokens - 1
+    assert peak_after_prefill <= blocks.blocks_for(budget + blocks.block_size)
+    assert blocks.blocks_for(prompt_len) > peak_after_prefill
+    assert blocks.num_free_blocks == blocks.num_blocks
+
+
+def test_mixed_policies_in_one_batch_match_each_alone(llm):
+    prompts = [PROMPT, PROMPT[::-1], "the cat sat on the mat " * 6, "one two three four five six seven " * 4]
+    params = [greedy(kv_policy="snapkv", kv_budget=0.5), greedy(kv_policy="h2o", kv_budget=12),
+              greedy(), greedy(kv_policy="streaming_llm", kv_budget=10)]
+    alone = [tokens(llm, p, prompt) for prompt, p in zip(prompts, params)]
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert together == alone
+
+
+def test_chunked_prefill_compresses_once_at_the_end(tiny_llama_gguf):
+    chunked = LLM(str(tiny_llama_gguf), kv_cache_tokens=4096, block_size=4, max_num_batched_tokens=8)
+    whole = LLM(str(tiny_llama_gguf), kv_cache_tokens=4096, block_size=4)
+    for policy in ("streaming_llm", "knorm"):  # attention-free: the selection cannot depend on chunking
+        p = greedy(kv_policy=policy, kv_budget=10)
+        assert tokens(chunked, p) == tokens(whole, p)
+
+
+def test_shared_prefix_is_never_corrupted(llm, baseline):
+    # The same prompt twice at once: the second claims the first's blocks through the prefix cache.
+    # The compressed one must copy-on-write; the uncompressed one must still give the full-cache output.
+    outs = llm.generate([PROMPT, PROMPT, PROMPT],
+                        [greedy(), greedy(kv_policy="h2o", kv_budget=8), greedy()])
+    assert outs[0].outputs[0].token_ids == baseline
+    assert outs[2].outputs[0].token_ids == baseline
+    # n=2 samples share their prompt blocks too.
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, n=2,
+                                              kv_policy="tova", kv_budget=8))[0]
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids
+    assert tokens(llm, greedy()) == baseline  # the prefix cache still serves the right content
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_preempted_sequences_are_recomputed_then_recompressed(tiny_llama_gguf):
+    small = LLM(str(tiny_llama_gguf), kv_cache_tokens=96, block_size=4, max_num_batched_tokens=16)
+    prompts = [f"{i} {PROMPT[:100]}" for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, kv_policy="knorm", kv_budget=0.8)
+    outs = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
+    assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+
+
+def test_compaction_layout(tiny_llama_gguf):
+    """Drive the mechanism directly: kept slots land at the front, per head, and the tail is freed."""
+    llm = LLM(str(tiny_llama_gguf), kv_cache_tokens=256, block_size=4)
+    engine = llm.engine
+    compressor, cache, blocks = engine.kv_compressor, engine.kv_cache, engine.block_manager
+    params = SamplingParams(max_tokens=None, kv_policy="knorm", kv_budget=5)
+    seq = Sequence("x", 0, list(range(1, 14)), params)
+    compressor.add(seq)
+    blocks.claim_cached_prefix(seq)
+    blocks.append_slots(seq, 13)
+    seq.num_computed_tokens = 13
+    for k, v in cache.layers:
+        k.normal_(), v.normal_()
+    state = compressor._states[seq]
+    keep = compressor.select(seq, state, 5)
+    slots = compressor._slot_ids(seq)
+    before = [(k[slots].clone(), v[slots].clone()) for k, v in cache.layers]
+    free_before = blocks.num_free_blocks
+    compressor.compress(seq, state)
+    assert seq.num_cached_slots == 5 and len(seq.block_table) == 2 and seq.num_computed_tokens == 13
+    assert blocks.num_free_blocks == free_before + 2
+    front = compressor._slot_ids(seq)
+    assert torch.equal(state.positions[0], keep[0])  # each head remembers which tokens it kept
+    for (k, v), (k0, v0), idx in zip(cache.layers, before, keep):
+        for h in range(k.shape[1]):
+            assert torch.equal(k[front, h], k0[idx[h], h]) and torch.equal(v[front, h], v0[idx[h], h])
+    blocks.free(seq)
+
+
+def test_shared_prefix_is_pinned_when_no_block_is_free_for_a_copy(tiny_llama_gguf):
+    small = LLM(str(tiny_llama_gguf), kv_cache_tokens=96, block_size=4, max_num_batched_tokens=16)
+    prompts = [PROMPT[:100] + str(i) for i in range(4)]  # one shared prefix, a full pool
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, kv_policy="knorm", kv_budget=0.8)
+    outs = small.generate(prompts, params)
+    assert small.engine.kv_compressor.stats.pinned > 0
+    alone = LLM(str(tiny_llama_gguf), kv_cache_tokens=4096, block_size=4, enable_prefix_caching=False)
+    # The uncompressed neighbour that shares the prefix still gives its full-cache output.
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    mixed = small.generate(prompts[:2], [params, plain])
+    assert mixed[1].outputs[0].token_ids == alone.generate(prompts[1], plain)[0].outputs[0].token_ids
+    assert len(outs) == 4 and small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+
+
+def test_blocks_compact_copies_shared_blocks_on_write():
+    blocks = BlockManager(num_blocks=8, block_size=2)
+    a = Sequence("a", 0, [1, 2, 3, 4, 5], SamplingParams())
+    blocks.claim_cached_prefix(a)
+    blocks.append_slots(a, 5)
+    a.num_computed_tokens = 5
+    blocks.commit(a)
+    b = Sequence("b", 0, [1, 2, 3, 4, 5], SamplingParams())
+    assert blocks.claim_cached_prefix(b) == 4  # b shares a's two full blocks
+    shared = list(a.block_table[:2])
+    blocks.append_slots(b, 1)
+    assert blocks.compact(b, 3)
+    assert b.block_table[0] not in shared and b.block_table[1] not in shared  # private copies
+    assert a.block_table[:2] == shared and all(blocks.ref_counts[x] == 1 for x in shared)
+    assert blocks.cached_prefix_blocks(Sequence("c", 0, [1, 2, 3, 4, 5], SamplingParams())) == 2
+    blocks.free(b)
+    blocks.free(a)
+    assert blocks.num_free_blocks == 8
+
+
+def test_invalid_combinations_are_refused(llm, tiny_gemma3_gguf):
+    with pytest.raises(InvalidRequestError, match="without a kv_policy"):
+        llm.generate(PROMPT, greedy(kv_budget=8))
+    with pytest.raises(InvalidRequestError, match="needs a kv_budget"):
+        llm.generate(PROMPT, greedy(kv_policy="h2o"))
+    gemma = LLM(str(tiny_gemma3_gguf), kv_cache_tokens=512, block_size=4)
+    with pytest.raises(InvalidRequestError, match="sliding-window"):
+        gemma.generate(PROMPT, greedy(kv_policy="h2o", kv_budget=8))
+
+
+def test_engine_default_policy_and_opt_out(tiny_llama_gguf, baseline):
+    llm = LLM(str(tiny_llama_gguf), kv_cache_tokens=4096, block_size=4, kv_policy="streaming_llm", kv_budget=8)
+    assert tokens(llm, greedy(kv_policy="none")) == baseline
+    assert tokens(llm, greedy()) == tokens(llm, greedy(kv_policy="streaming_llm", kv_budget=8))
+    assert llm.engine.kv_compressor.stats.compactions > 0

@@ -1,0 +1,96 @@
+"""Packed weight formats on small hand-made tensors: each matmul equals dequantize-then-matmul."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from thrifty.loading.weights import QuantizedWeight
+from thrifty.quant.formats import resolve_choice, weight_format
+from thrifty.quant.packed import DENSE_ROWS, BF16Weight, Int4Weight, Int8Weight, concat, pack
+
+N, K = 48, 96  # int4 wants N % 16 == 0 and K % 32 == 0
+
+
+def weight(seed: int = 0) -> torch.Tensor:
+    return torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cls", [BF16Weight, Int8Weight, Int4Weight])
+@pytest.mark.parametrize("rows", [1, 5, DENSE_ROWS + 7])  # the kernel path and the dense bf16 path
+def test_packed_matmul_equals_dequantize_then_matmul(cls, rows):
+    packed = cls.from_float(weight())
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(N)
+    reference = x @ packed.dequantize().t() + bias
+    # bf16 activations (8-bit mantissa) over K=96 products: about 1% of the output scale.
+    tolerance = 0.02 * float(reference.abs().max())
+    out = packed.linear(x, bias)
+    assert out.dtype == x.dtype and out.shape == (rows, N)
+    assert float((out - reference).abs().max()) < tolerance
+
+
+@pytest.mark.parametrize("cls,max_error", [(BF16Weight, 0.01), (Int8Weight, 0.01), (Int4Weight, 0.1)])
+def test_quantization_error_is_bounded(cls, max_error):
+    w = weight()
+    err = (cls.from_float(w).dequantize() - w).abs().max() / w.abs().max()
+    assert float(err) < max_error
+
+
+def test_int4_repacks_a_q4_1_gguf_weight_onto_its_own_grid():
+    w = weight(2).numpy()
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    stored = QuantizedWeight(gguf.GGMLQuantizationType.Q4_1, (N, K), raw).dequantize()
+    repacked = Int4Weight.from_float(stored).dequantize()
+    # Same 4-bit grid per 32 weights, so only the bf16 rounding of scale and offset remains.
+    assert float((repacked - stored).abs().max()) < 0.02 * float(stored.abs().max())
+
+
+def test_concat_stacks_outputs_and_mixes_formats():
+    a, b = Int4Weight.from_float(weight(3)), Int8Weight.from_float(weight(4))
+    x = torch.randn(2, K)
+    for parts in ([a, Int4Weight.from_float(weight(5))], [b, Int8Weight.from_float(weight(6))], [a, b]):
+        fused = concat(parts)
+        expected = torch.cat([p.linear(x) for p in parts], dim=-1)
+        assert fused.out_features == 2 * N
+        torch.testing.assert_close(fused.linear(x), expected, atol=0.05 * float(expected.abs().max()), rtol=0)
+
+
+def test_int4_falls_back_to_int8_for_shapes_its_kernel_cannot_take():
+    assert isinstance(pack(torch.randn(10, 40), "int4"), Int8Weight)
+
+
+def test_weight_choices():
+    cpu = torch.device("cpu")
+    assert resolve_choice("fp32", cpu) == "fp32"
+    assert resolve_choice("auto", torch.device("meta")) == "fp32"
+    with pytest.raises(ValueError, match="weights"):
+        resolve_choice("int3", cpu)
+    q4 = QuantizedWeight(gguf.GGMLQuantizationType.Q4_1, (N, K), np.zeros((N, K // 32 * 20), np.uint8))
+    q8 = QuantizedWeight(gguf.GGMLQuantizationType.Q8_0, (N, K), np.zeros((N, K // 32 * 34), np.uint8))
+    assert weight_format("gguf", q4) == "int4" and weight_format("gguf", q8) == "int8"
+    assert weight_format("gguf", torch.zeros(N, K)) is None and weight_format("fp32", q4) is None
+    assert weight_format("auto", q4) == "int4" and weight_format("auto", torch.zeros(N, K)) == "int8"
+
+
+@pytest.mark.parametrize("choice", ["int8", "int4", "bf16"])
+def test_quantized_engine_follows_the_fp32_engine(tiny_llama_gguf, choice):
+    from thrifty import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
+    prompt = "the answer to everything is"
+    top = {}
+    for weights in ("fp32", choice):
+        llm = LLM(str(tiny_llama_gguf), weights=weights, kv_cache_tokens=256, block_size=4)
+        top[weights] = llm.generate(prompt, params)[0].outputs[0].token_ids
+    assert top[choice] == top["fp32"]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "bf16"])
+def test_big_weights_pack_in_slices_to_the_same_result(fmt, monkeypatch):
+    import thrifty.quant.packed as packed_module
+
+    w = torch.randn(64, K)
+    whole = pack(w, fmt).dequantize()
+    monkeypatch.setattr(packed_module, "PACK_ROWS", 16)
+    torch.testing.assert_close(pack(w, fmt).dequantize(), whole)

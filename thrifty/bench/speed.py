@@ -1,0 +1,266 @@
+"""Prefill and decode speed of thrifty beside llama.cpp and transformers on the same GGUF file.
+
+Each system runs in its own subprocess (so its peak RSS is its own), one after the other,
+with the same thread count; the table gives thrifty/peer ratios from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SYSTEMS = ("thrifty", "llama.cpp", "transformers")
+INSTALL = {"llama.cpp": "pip install llama-cpp-python", "transformers": "pip install transformers gguf"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default="smollm2-135m", help="catalog name or GGUF file")
+    parser.add_argument("--weights", default="auto", help="thrifty's weight format (default auto)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-lens", default="128,512,2048", help="prefill lengths, comma-separated")
+    parser.add_argument("--batch-sizes", default="1,4,8,16", help="decode batch sizes, comma-separated")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per sequence")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="which of thrifty,llama.cpp,transformers")
+    parser.add_argument("--quick", action="store_true", help="short run: prompts 128,512; batches 1,4; 16 tokens")
+    parser.add_argument("--output-dir", default="bench-speed", help="where speed.json and speed.png go")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _prompt(length: int, seed: int, vocab: int = 49152) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(100, min(vocab, 30000)) for _ in range(length)]
+
+
+def _thrifty(cfg: dict) -> dict:
+    from thrifty.engine.engine import EngineConfig, LLMEngine
+    from thrifty.engine.sampling_params import SamplingParams
+
+    longest = max(cfg["prompt_lens"])
+    pool = max(longest + 16, max(cfg["batch_sizes"]) * (32 + cfg["decode_tokens"] + 16))
+    engine = LLMEngine(EngineConfig(model=cfg["model"], weights=cfg["weights"], num_threads=cfg["threads"],
+                                    kv_cache_tokens=pool, max_num_batched_tokens=max(longest, 512),
+                                    max_num_seqs=max(cfg["batch_sizes"]), enable_prefix_caching=False))
+    prefill = {}
+    for length in cfg["prompt_lens"]:
+        best = float("inf")
+        for rep in range(2):
+            engine.add_request(f"p{length}-{rep}", _prompt(length, rep), SamplingParams(temperature=0, max_tokens=1))
+            start = time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+            best = min(best, time.perf_counter() - start)
+        prefill[length] = length / best
+    decode = {}
+    n = cfg["decode_tokens"]
+    for batch in cfg["batch_sizes"]:
+        params = SamplingParams(temperature=0, max_tokens=n + 1, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(f"d{batch}-{i}", _prompt(32, 100 + i), params)
+        while any(s.num_output_tokens == 0 for s in engine.scheduler.running + engine.scheduler.waiting):
+            engine.step()  # prefill every sequence first; time decode steps only
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        decode[batch] = batch * n / (time.perf_counter() - start)
+    weight_mb = sum(_module_bytes(m) for m in engine.model.modules()) / 2**20
+    return {"prefill": prefill, "decode": decode, "peak_rss_mb": _peak_rss_mb(), "weights": engine.weights,
+            "weights_mb": weight_mb, "kv_pool_mb": engine.kv_cache.nbytes / 2**20}
+
+
+def _module_bytes(module) -> int:
+    """Bytes of a module's own weights in their run format (packed or dense)."""
+    packed = getattr(module, "packed", None)
+    own = sum(p.nbytes for p in module.parameters(recurse=False))
+    return own + (packed.nbytes if packed is not None else 0)
+
+
+def _llama_cpp(cfg: dict) -> dict:
+    from llama_cpp import Llama
+
+    from thrifty.catalog import resolve_model
+
+    longest = max(cfg["prompt_lens"])
+    llm = Llama(str(resolve_model(cfg["model"])), n_threads=cfg["threads"], n_threads_batch=cfg["threads"],
+                n_ctx=longest + cfg["decode_tokens"] + 64, n_batch=512, verbose=False)
+    prefill = {}
+    for length in cfg["prompt_lens"]:
+        best = float("inf")
+        for rep in range(2):
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(_prompt(length, rep))
+            best = min(best, time.perf_counter() - start)
+        prefill[length] = length / best
+    llm.reset()
+    n, produced = cfg["decode_tokens"], 0
+    start = 0.0
+    for _ in llm.generate(_prompt(32, 100), top_k=1, temp=0.0, reset=True):
+        produced += 1
+        if produced == 1:
+            start = time.perf_counter()  # the first token ends the prefill
+        if produced == n + 1:
+            break
+    # llama-cpp-python's high-level API decodes one sequence at a time: batch 1 only.
+    return {"prefill": prefill, "decode": {1: n / (time.perf_counter() - start)}, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _transformers(cfg: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from thrifty.catalog import resolve_model
+
+    torch.set_num_threads(cfg["threads"])
+    path = Path(resolve_model(cfg["model"]))
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    prefill = {}
+    with torch.inference_mode():
+        for length in cfg["prompt_lens"]:
+            ids = torch.tensor([_prompt(length, 0)])
+            start = time.perf_counter()
+            model(ids)
+            prefill[length] = length / (time.perf_counter() - start)
+        decode = {}
+        n = cfg["decode_tokens"]
+        for batch in cfg["batch_sizes"]:
+            ids = torch.tensor([_prompt(32, 100 + i) for i in range(batch)])
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            model.generate(ids, max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False, pad_token_id=0)
+            decode[batch] = batch * n / (time.perf_counter() - start - first)
+    return {"prefill": prefill, "decode": decode, "peak_rss_mb": _peak_rss_mb(), "dtype": "float32"}
+
+
+WORKERS = {"thrifty": _thrifty, "llama.cpp": _llama_cpp, "transformers": _transformers}
+MODULES = {"llama.cpp": "llama_cpp", "transformers": "transformers"}
+
+
+def _run_system(name: str, cfg: dict) -> dict:
+    if name in MODULES:
+        import importlib.util
+
+        if importlib.util.find_spec(MODULES[name]) is None:
+            return {"skipped": f"{name} is not installed; install it with `{INSTALL[name]}`"}
+    proc = subprocess.run([sys.executable, "-m", "thrifty.bench.speed", "--worker", name, "--model", cfg["model"]],
+                          input=json.dumps(cfg), capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"skipped": f"{name} failed: {proc.stderr.strip().splitlines()[-1:]}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("prefill", "decode"):
+        result[key] = {int(k): v for k, v in result[key].items()}
+    return result
+
+
+def _table(results: dict, cfg: dict) -> str:
+    ours = results.get("thrifty", {})
+    peers = [s for s in results if s != "thrifty" and "skipped" not in results[s]]
+    header = "| metric | thrifty | " + " | ".join(f"{p} | thrifty/{p}" for p in peers) + " |"
+    lines = [header, "|" + "---|" * (2 + 2 * len(peers))]
+
+    def row(label: str, key: str, sub: int | None) -> None:
+        mine = ours.get(key, {}).get(sub) if sub is not None else ours.get(key)
+        cells = [label, f"{mine:.1f}" if mine else "-"]
+        for p in peers:
+            theirs = results[p].get(key, {}).get(sub) if sub is not None else results[p].get(key)
+            cells += [f"{theirs:.1f}" if theirs else "-",
+                      f"{mine / theirs:.2f}x" if mine and theirs else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    for length in cfg["prompt_lens"]:
+        row(f"prefill {length} tok (tok/s)", "prefill", length)
+    for batch in cfg["batch_sizes"]:
+        row(f"decode batch {batch} (tok/s)", "decode", batch)
+    row("peak RSS (MB)", "peak_rss_mb", None)
+    return "\n".join(lines)
+
+
+def _plot(results: dict, cfg: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, xs, label in ((axes[0], "prefill", cfg["prompt_lens"], "prompt tokens"),
+                               (axes[1], "decode", cfg["batch_sizes"], "batch size")):
+        for name, res in results.items():
+            if "skipped" in res:
+                continue
+            points = [(x, res[key][x]) for x in xs if x in res[key]]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{key} ({cfg['threads']} threads)")
+        ax.legend()
+    fig.suptitle(f"{cfg['model']}, thrifty weights={cfg['weights']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.quick:
+        args.prompt_lens, args.batch_sizes, args.decode_tokens = "128,512", "1,4", 16
+    cfg = {"model": args.model, "weights": args.weights, "threads": args.threads,
+           "prompt_lens": [int(x) for x in args.prompt_lens.split(",")],
+           "batch_sizes": [int(x) for x in args.batch_sizes.split(",")], "decode_tokens": args.decode_tokens}
+    results = {}
+    for name in args.systems.split(","):
+        if name not in WORKERS:
+            raise SystemExit(f"unknown system {name!r}; use some of {', '.join(SYSTEMS)}")
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name] = _run_system(name, cfg)
+        if "skipped" in results[name]:
+            print(f"  skipped: {results[name]['skipped']}", file=sys.stderr)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{_cpu_name()}", "command": " ".join(sys.argv), "config": cfg, "results": results}
+    (out / "speed.json").write_text(json.dumps(record, indent=2))
+    _plot(results, cfg, out / "speed.png")
+    print(_table(results, cfg))
+    if "thrifty" in results and "skipped" not in results["thrifty"]:
+        t = results["thrifty"]
+        print(f"\nthrifty weights={t['weights']}: {t['weights_mb']:.0f} MB in run format, KV pool {t['kv_pool_mb']:.0f} MB, "
+              f"peak RSS {t['peak_rss_mb']:.0f} MB (target <= {t['weights_mb'] + t['kv_pool_mb'] + 400:.0f} MB)")
+        if 1 in t["decode"] and max(cfg["batch_sizes"]) in t["decode"]:
+            top = max(cfg["batch_sizes"])
+            print(f"batch {top} / batch 1 aggregate decode: {t['decode'][top] / t['decode'][1]:.2f}x")
+    print(f"saved {out / 'speed.json'} and {out / 'speed.png'}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def _worker_main() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args()
+    cfg = json.loads(sys.stdin.read())
+    print(json.dumps(WORKERS[args.worker](cfg)))
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -1,0 +1,266 @@
+"""The shared eviction mechanism: keep each sequence within its KV budget and free what it drops.
+
+Per request a policy (thrifty.kv.policies) scores the cached tokens; this module does the rest,
+the same for every policy:
+
+- When: at the end of prefill (prompt compression, after the last chunk, so chunked prefill
+  sees the whole prompt) and during decode whenever a sequence holds `budget + block_size`
+  slots, so each compaction frees at least one block and decode steps between them cost
+  nothing extra. A preempted sequence is recomputed from scratch and compressed again.
+- What: per layer and per KV head, the `window` newest slots plus the best-scoring others, up
+  to `budget` slots. Every head keeps the same number of slots, so the sequence keeps one
+  block table and one slot count: head h of slot i may hold a different token than head h'.
+  Keys are cached after RoPE, so a moved token keeps its position; `num_computed_tokens`
+  (the next RoPE position) and `num_cached_slots` simply part ways.
+- How: gather the kept K/V (and the policy's attention statistics) for every layer, let the
+  block manager free the tail and swap shared prefix blocks for private ones (copy-on-write;
+  the shared prefix is never written), then write the kept slots to the front.
+
+Models with sliding-window layers are refused: their attention mask assumes slot index ==
+position, which eviction breaks.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from thrifty.config import ModelConfig
+from thrifty.engine.sampling_params import SamplingParams
+from thrifty.engine.scheduler import ScheduledSequence
+from thrifty.engine.sequence import Sequence
+from thrifty.errors import InvalidRequestError
+from thrifty.kv.blocks import BlockManager
+from thrifty.kv.cache import KVCache
+from thrifty.kv.policies import KVPolicy, ScoreInputs, make_policy
+from thrifty.models.paged_attention import AttentionObserver
+
+
+@dataclass
+class KVSpec:
+    """A request's resolved choice: which policy, with what options, at what budget."""
+
+    policy: str
+    budget: int | float  # tokens (int) or a fraction of the prompt (float in (0, 1])
+    options: dict[str, object] = field(default_factory=dict)
+
+    def budget_tokens(self, prompt_len: int) -> int:
+        if isinstance(self.budget, float):
+            return max(1, math.ceil(self.budget * prompt_len))
+        return self.budget
+
+
+def check_budget(budget: object) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise InvalidRequestError(f"kv_budget={budget!r} is invalid: give a token count (int >= 1) "
+                                  "or a fraction of the prompt (float in (0, 1])")
+    if isinstance(budget, int) and budget < 1:
+        raise InvalidRequestError(f"kv_budget={budget} is invalid: a token budget must be at least 1")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise InvalidRequestError(f"kv_budget={budget} is invalid: a fractional budget must be in (0, 1]; "
+                                  "give an int for a number of tokens")
+
+
+def keep_indices(scores: torch.Tensor, budget: int, window: int, pinned: int = 0) -> torch.Tensor:
+    """The rule every policy shares: the `window` newest slots, then the best scores, per head.
+
+    scores [kv_heads, N] -> sorted slot indices [kv_heads, budget] (oldest first, so order is kept).
+    The first `pinned` slots are always kept (a shared prefix that cannot be copied).
+    """
+    scores = scores.float().clone()
+    if window:
+        scores[:, scores.shape[1] - window:] = float("inf")
+    scores[:, :pinned] = float("inf")
+    return scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+
+
+@dataclass
+class _SeqState:
+    policy: KVPolicy
+    budget: int
+    num_layers: int
+    target: int = 0  # slots kept by the last compaction (above budget when a shared prefix was pinned)
+    stats: list[torch.Tensor | None] = field(default_factory=list)
+    positions: list[torch.Tensor | None] = field(default_factory=list)  # per layer [kv_heads, slots]
+    computed: int = 0  # num_computed_tokens at the end of the last step (drops on preemption)
+    prefill_done: bool = False
+
+    def reset(self) -> None:
+        self.stats = [None] * self.num_layers
+        self.positions = [None] * self.num_layers
+        self.computed = 0
+        self.prefill_done = False
+        self.target = self.budget
+
+
+@dataclass
+class CompressionStats:
+    compactions: int = 0
+    evicted_slots: int = 0
+    pinned: int = 0  # compactions that kept a shared prefix in place for want of blocks to copy it into
+
+
+class KVCompressor:
+    def __init__(self, kv_cache: KVCache, blocks: BlockManager, config: ModelConfig,
+                 default: KVSpec | None = None) -> None:
+        self.kv_cache = kv_cache
+        self.device = kv_cache.layers[0][0].device
+        self.blocks = blocks
+        self.num_layers = config.num_layers
+        self.num_kv_heads = config.num_kv_heads
+        self.sliding = [i for i in range(config.num_layers) if config.layer_sliding_window(i) is not None]
+        self.default = default
+        self.stats = CompressionStats()
+        self._states: weakref.WeakKeyDictionary[Sequence, _SeqState] = weakref.WeakKeyDictionary()
+        if default is not None:
+            self.resolve(SamplingParams())
+
+    # -- requests -------------------------------------------------------------------------
+
+    def resolve(self, params: SamplingParams) -> KVSpec | None:
+        """The request's policy (its own, else the engine default); raises on invalid combinations."""
+        default = self.default
+        name = params.kv_policy if params.kv_policy is not None else (default.policy if default else None)
+        if name is None or name == "none":
+            if params.kv_budget is not None and name is None:
+                raise InvalidRequestError("kv_budget was given without a kv_policy; name one "
+                                          "(e.g. kv_policy='snapkv') or drop kv_budget")
+            return None
+        budget = params.kv_budget if params.kv_budget is not None else (default.budget if default else None)
+        if budget is None:
+            raise InvalidRequestError(f"kv_policy={name!r} needs a kv_budget (tokens, or a fraction of the prompt)")
+        check_budget(budget)
+        options = params.kv_policy_options if params.kv_policy is not None else (default.options if default else {})
+        make_policy(name, options)  # validates the options
+        if self.sliding:
+            raise InvalidRequestError(
+                f"kv_policy {name!r} cannot be used with this model: layers {self.sliding[:4]} use sliding-window "
+                "attention, whose mask assumes slot index == position, which eviction breaks")
+        return KVSpec(name, budget, dict(options))
+
+    def add(self, seq: Sequence) -> None:
+        spec = self.resolve(seq.params)
+        if spec is None:
+            return
+        budget = spec.budget_tokens(seq.prompt_len)
+        max_tokens = seq.params.max_tokens
+        if max_tokens is not None and budget >= seq.prompt_len + max_tokens:
+            return  # the sequence can never exceed its budget: no scores, no state, full-cache output
+        state = _SeqState(make_policy(spec.policy, spec.options), budget, self.num_layers)
+        state.reset()
+        self._states[seq] = state
+
+    # -- per step -------------------------------------------------------------------------
+
+    def prepare(self, seq: Sequence) -> AttentionObserver | None:
+        """Called by the model runner before a step: the sequence's attention observer, if any."""
+        state = self._states.get(seq)
+        if state is None:
+            return None
+        if seq.num_computed_tokens < state.computed:
+            state.reset()  # preempted: it is being recomputed, so it is compressed again afterwards
+        if not state.policy.needs_attention:
+            return None
+        return lambda layer, probs: self._observe(state, layer, probs)
+
+    def _observe(self, state: _SeqState, layer: int, probs: torch.Tensor) -> None:
+        heads, q, ctx = probs.shape
+        probs = probs.view(self.num_kv_heads, heads // self.num_kv_heads, q, ctx).mean(dim=1)
+        stat = state.stats[layer]
+        if stat is not None:
+            # Columns of slots held before this step (rolled-back slots dropped), zeros for the new ones.
+            stat = torch.nn.functional.pad(stat[..., :ctx - q], (0, q))
+        state.stats[layer] = state.policy.observe(stat, probs)
+
+    def after_step(self, scheduled: list[ScheduledSequence]) -> None:
+        """Called by the engine after each step: compress sequences at end of prefill or over budget."""
+        for item in scheduled:
+            seq = item.seq
+            state = self._states.get(seq)
+            if state is None:
+                continue
+            if seq.is_finished:
+                del self._states[seq]
+                continue
+            state.computed = seq.num_computed_tokens
+            if seq.in_prefill:
+                continue  # a mid-prompt chunk: compress once the whole prompt is in
+            slots = seq.num_cached_slots
+            just_prefilled = not state.prefill_done
+            state.prefill_done = True
+            if slots > state.budget and (just_prefilled or slots >= state.target + self.blocks.block_size):
+                self.compress(seq, state)
+
+    # -- the mechanism --------------------------------------------------------------------
+
+    def _slot_ids(self, seq: Sequence) -> torch.Tensor:
+        bs = self.blocks.block_size
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)
+        return (table[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[:seq.num_cached_slots]
+
+    def _positions(self, seq: Sequence, state: _SeqState, layer: int) -> torch.Tensor:
+        """Original token position of every slot, per head: tracked ones, then the newest tokens."""
+        n = seq.num_cached_slots
+        known = state.positions[layer]
+        if known is None:
+            known = torch.empty(self.num_kv_heads, 0, dtype=torch.long, device=self.device)
+        start = seq.num_computed_tokens - (n - known.shape[1])
+        fresh = torch.arange(start, seq.num_computed_tokens, device=self.device).expand(self.num_kv_heads, -1)
+        return torch.cat((known, fresh), dim=1)
+
+    def select(self, seq: Sequence, state: _SeqState, budget: int, pinned: int = 0) -> list[torch.Tensor]:
+        """Per layer, the sorted slot indices each KV head keeps: [kv_heads, budget]."""
+        window = min(state.policy.window(state.budget), budget - pinned)
+        slots = self._slot_ids(seq)
+        keep = []
+        for layer, (k_cache, v_cache) in enumerate(self.kv_cache.layers):
+            stat = state.stats[layer]
+            if state.policy.needs_attention and (stat is None or stat.shape[-1] != seq.num_cached_slots):
+                raise RuntimeError(f"{state.policy.name}: no attention statistics for layer {layer}; "
+                                   "the attention backend must call SequenceSlice.observer")
+            inputs = ScoreInputs(layer, self.num_layers, k_cache[slots].transpose(0, 1),
+                                 v_cache[slots].transpose(0, 1), stat, self._positions(seq, state, layer))
+            keep.append(keep_indices(state.policy.score(inputs), budget, window, pinned))
+        return keep
+
+    def compress(self, seq: Sequence, state: _SeqState) -> None:
+        """Evict down to the budget, moving each head's kept slots to the front; frees the tail blocks.
+
+        A prefix shared with other sequences is copied on write; when no blocks are free for the
+        copies, it is kept in place instead (pinned) and the budget is exceeded by that much.
+        """
+        n, budget, bs = seq.num_cached_slots, state.budget, self.blocks.block_size
+        pinned_blocks = 0
+        if not self.blocks.can_compact(seq, budget):
+            pinned_blocks = self.blocks.shared_prefix_blocks(seq)
+            budget = max(budget, pinned_blocks * bs + max(1, state.policy.window(state.budget)))
+            if budget >= n:
+                state.target = n
+                return
+            self.stats.pinned += 1
+        pinned = pinned_blocks * bs
+        keep = self.select(seq, state, budget, pinned)
+        slots = self._slot_ids(seq)
+        heads = torch.arange(self.num_kv_heads, device=self.device)[:, None]
+        kept = []
+        for (k_cache, v_cache), idx in zip(self.kv_cache.layers, keep):
+            src = slots[idx[:, pinned:]]
+            kept.append((k_cache[src, heads], v_cache[src, heads]))
+        positions = [self._positions(seq, state, layer) for layer in range(self.num_layers)]
+        if not self.blocks.compact(seq, budget, keep_blocks=pinned_blocks):
+            raise RuntimeError("KV compaction found no blocks although can_compact said it would")
+        dst = self._slot_ids(seq)[None, pinned:]
+        for layer, ((k_cache, v_cache), (k, v), idx) in enumerate(zip(self.kv_cache.layers, kept, keep)):
+            k_cache[dst, heads] = k
+            v_cache[dst, heads] = v
+            state.positions[layer] = positions[layer].gather(1, idx)
+            stat = state.stats[layer]
+            if stat is not None:
+                shape = (self.num_kv_heads,) + (1,) * (stat.dim() - 2) + (budget,)
+                state.stats[layer] = stat.gather(-1, idx.to(stat.device).view(shape).expand(*stat.shape[:-1], budget))
+        state.target = budget
+        self.stats.compactions += 1
+        self.stats.evicted_slots += n - budget

@@ -1,0 +1,184 @@
+"""Weights kept in a run format that is cheaper to read than float32, with the matmul that reads them.
+
+Decode multiplies a few rows by every weight, so it is bound by the bytes of weights read:
+the int8 and int4 formats run PyTorch's weight-only CPU kernels on bfloat16 activations.
+Prefill multiplies many rows, so it is bound by matmul throughput: the weight is expanded
+to bfloat16 for that one call and oneDNN's bfloat16 GEMM does the work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Above this many rows a call expands the weight to bfloat16 and runs a dense GEMM: measured on
+# a 2-core AVX-512 CPU, the weight-only kernels lose to the dense bfloat16 GEMM from about 16 rows.
+DENSE_ROWS = 16
+INT4_GROUP = 32
+# Pack big weights (the 49k-row lm_head) a slice of rows at a time, so the float temporaries of
+# packing do not raise the peak RSS by several copies of the whole weight.
+PACK_ROWS = 4096
+
+
+class PackedWeight:
+    """A [out_features, in_features] weight in a run format; `linear` is x W^T (+ b) in x's dtype."""
+
+    out_features: int
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [out_features, in_features] (for checks and tests)."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> PackedWeight:
+        raise NotImplementedError
+
+
+def _finish(y: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    y = y.to(dtype)
+    return y if bias is None else y + bias
+
+
+class BF16Weight(PackedWeight):
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w = w.to(torch.bfloat16).contiguous()
+        self.out_features = self.w.shape[0]
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> BF16Weight:
+        return cls(w)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _finish(F.linear(x.to(torch.bfloat16), self.w), bias, x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.w.float()
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
+
+class Int8Weight(PackedWeight):
+    """Symmetric int8 per output channel: w = q * scale[row]."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.q = q.contiguous()  # int8 [N, K]
+        self.scale = scale.to(torch.bfloat16).contiguous()  # [N]; the kernel wants the activations' dtype
+        self.out_features = self.q.shape[0]
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> Int8Weight:
+        w = w.float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        # Round the scale to bfloat16 first, so the codes are chosen for the scale the kernel uses.
+        scale = scale.to(torch.bfloat16).float()
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] <= DENSE_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scale)
+        else:
+            y = F.linear(xb, self.q.to(torch.bfloat16) * self.scale[:, None])
+        return _finish(y, bias, x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.float()[:, None]
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+
+class Int4Weight(PackedWeight):
+    """Asymmetric int4 in groups of 32 along the input: w = q * scale + low, q in 0..15.
+
+    A GGUF Q4_0/Q4_1/Q4_K block holds the same kind of code (one scale and offset per 32
+    weights), so those weights repack onto (nearly) the same grid. Two copies of the codes are
+    kept: the kernel's tiled layout for decode and plain nibbles to expand for prefill.
+    """
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> None:
+        n, k = q.shape
+        self.out_features = n
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self.nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()  # [N, K/2]
+        self.scale = scale.to(torch.bfloat16).contiguous()  # [N, K/32]
+        self.low = low.to(torch.bfloat16).contiguous()
+        # The kernel computes (q - 8) * scale + zero, so its zero is low + 8 * scale.
+        zero = self.low.float() + 8 * self.scale.float()
+        self.scales_and_zeros = torch.stack([self.scale.float().t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+    @staticmethod
+    def supports(shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and shape[1] % INT4_GROUP == 0 and shape[0] % 16 == 0
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor) -> Int4Weight:
+        n, k = w.shape
+        groups = w.float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+        low = low.to(torch.bfloat16).float()
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
+        return cls(q, scale, low)
+
+    def _dense_bf16(self) -> torch.Tensor:
+        n = self.out_features
+        q = torch.stack([self.nibbles & 15, self.nibbles >> 4], dim=-1).reshape(n, -1, INT4_GROUP)
+        w = q.to(torch.bfloat16) * self.scale[..., None] + self.low[..., None]
+        return w.reshape(n, -1)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        xb = x.to(torch.bfloat16)
+        if x.shape[0] <= DENSE_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, INT4_GROUP, self.scales_and_zeros)
+        else:
+            y = F.linear(xb, self._dense_bf16())
+        return _finish(y, bias, x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return self._dense_bf16().float()
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.nibbles.nbytes + self.scale.nbytes + self.low.nbytes
+
+
+FORMATS: dict[str, type[PackedWeight]] = {"bf16": BF16Weight, "int8": Int8Weight, "int4": Int4Weight}
+
+
+def pack(w: torch.Tensor, fmt: str) -> PackedWeight:
+    """Pack a dense weight; int4 falls back to int8 for shapes the int4 kernel cannot take."""
+    if fmt == "int4" and not Int4Weight.supports(tuple(w.shape)):
+        fmt = "int8"
+    if w.shape[0] <= PACK_ROWS:
+        return FORMATS[fmt].from_float(w)
+    return concat([FORMATS[fmt].from_float(rows) for rows in w.split(PACK_ROWS)])
+
+
+def concat(parts: list[PackedWeight]) -> PackedWeight:
+    """The weights stacked along the output dimension (for fused projections), in one format.
+
+    Parts in different formats (a GGUF file may mix block types) are repacked into the most
+    precise of them.
+    """
+    kinds = {type(p) for p in parts}
+    if kinds == {Int8Weight}:
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+    if kinds == {BF16Weight}:
+        return BF16Weight(torch.cat([p.w for p in parts]))
+    if kinds == {Int4Weight}:
+        codes = [torch.stack([p.nibbles & 15, p.nibbles >> 4], dim=-1).reshape(p.out_features, -1) for p in parts]
+        return Int4Weight(torch.cat(codes), torch.cat([p.scale for p in parts]), torch.cat([p.low for p in parts]))
+    finest = next(fmt for fmt, cls in FORMATS.items() if cls in kinds)  # FORMATS runs most precise first
+    return pack(torch.cat([p.dequantize() for p in parts]), finest)

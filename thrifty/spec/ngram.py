@@ -1,0 +1,57 @@
+"""Prompt lookup decoding: draft the tokens that followed the latest earlier match of the last n-gram.
+
+Strong wherever the output copies its input (editing, summarising, code, retrieval
+answers). Each sequence keeps an incremental index n-gram -> where it last ended, so a
+proposal costs a few dict lookups instead of a scan of the whole context.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from thrifty.engine.sequence import Sequence
+from thrifty.spec.draft import Draft
+
+
+class _Index:
+    def __init__(self, ngram_sizes: range) -> None:
+        self.sizes = ngram_sizes
+        self.indexed = 0  # positions p < indexed have been recorded
+        self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> latest p with tokens[p - n:p] == n-gram
+
+    def update(self, tokens: list[int]) -> None:
+        # Position p is recorded once a token follows it, so the sequence's own suffix never matches itself.
+        for p in range(self.indexed, len(tokens)):
+            for n in self.sizes:
+                if p >= n:
+                    self.ends[tuple(tokens[p - n:p])] = p
+        self.indexed = len(tokens)
+
+
+class NgramProposer:
+    name = "ngram"
+
+    def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
+        self.sizes = range(min_n, max_n + 1)
+        self._indexes: weakref.WeakKeyDictionary[Sequence, _Index] = weakref.WeakKeyDictionary()
+
+    def propose(self, seq: Sequence, max_tokens: int) -> Draft | None:
+        tokens = seq.token_ids
+        index = self._indexes.get(seq)
+        if index is None:
+            index = self._indexes[seq] = _Index(self.sizes)
+        index.update(tokens)
+        for n in reversed(self.sizes):  # longest match first: the most specific context
+            if len(tokens) <= n:
+                continue
+            end = index.ends.get(tuple(tokens[-n:]))
+            if end is not None:
+                continuation = tokens[end:end + max_tokens]
+                if continuation:
+                    return Draft.chain(continuation, self.name)
+        return None
+
+    def observe(self, token_ids: list[int], logits: torch.Tensor) -> None:
+        pass
