@@ -168,3 +168,13 @@ def test_bad_engine_options_are_refused(tiny_llama_gguf):
         if __import__("torch").cuda.is_available():
             pytest.skip("a GPU is present")
         make_llm(tiny_llama_gguf, device="cuda")
+
+
+def test_vanishing_temperature_is_greedy_and_bad_stop_ids_are_refused(tiny_llama_gguf):
+    llm = make_llm(tiny_llama_gguf)
+    greedy = llm.generate("the cat", GREEDY)[0].outputs[0].token_ids
+    tiny_t = SamplingParams(temperature=2e-309, max_tokens=12, ignore_eos=True)
+    assert llm.generate("the cat", tiny_t)[0].outputs[0].token_ids == greedy
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        llm.generate("the cat", SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[10**7]))
+    assert not llm.engine.has_unfinished_requests()

@@ -172,6 +172,10 @@ class LLMEngine:
         if not token_ids:
             raise InvalidRequestError("the prompt is empty; give at least one token")
         self._check_fits(len(token_ids), params)
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids {params.stop_token_ids} include ids outside the "
+                                      f"vocabulary [0, {vocab}); use this model's token ids")
         self.kv_compressor.resolve(params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(request_id, i, token_ids, params, arrival) for i in range(params.n)]
@@ -303,7 +307,7 @@ class LLMEngine:
             completions.append(CompletionOutput(
                 index=seq.index, text=visible, token_ids=output_ids,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                logprobs=state.logprobs if request.params.logprobs is not None else None,
+                logprobs=list(state.logprobs) if request.params.logprobs is not None else None,
                 delta_text=visible[state.sent_chars:], delta_token_ids=output_ids[state.sent_tokens:]))
             state.sent_chars, state.sent_tokens = len(visible), len(output_ids)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from thrifty.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5
 SPECULATIVE_METHODS = (None, "off", "ngram", "history")
 
 
@@ -54,7 +55,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Temperatures this small overflow the softmax; like vLLM, treat them as greedy.
+        return self.temperature < GREEDY_TEMPERATURE
 
     def _validate(self) -> None:
         def bad(name: str, value: object, rule: str) -> InvalidRequestError:

@@ -148,8 +148,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[GenerationStream, int]] = {}  # owned by the engine thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._stats = engine.stats()
-        self.metrics.update_engine_stats(self._stats)
+        self.metrics.update_engine_stats(engine.stats())
 
     # -- what the routes see ------------------------------------------------------------------
 
@@ -168,10 +167,6 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    def stats(self) -> dict[str, int]:
-        """The engine's counters after its latest step."""
-        return self._stats
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
@@ -247,8 +242,7 @@ class AsyncEngine:
             except Exception as error:  # a bug in the engine: fail what is running, keep serving
                 logger.exception("engine step failed; failing the requests in flight")
                 self._fail_all(EngineError(f"the engine failed: {type(error).__name__}: {error}"))
-            self._stats = self.engine.stats()
-            self.metrics.update_engine_stats(self._stats)
+            self.metrics.update_engine_stats(self.engine.stats())
         stopped = EngineError("the server shut down before the request finished")
         self._fail_all(stopped)
         while True:  # adds that arrived after the stop command are refused, not left hanging
