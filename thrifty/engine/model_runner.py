@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from collections.abc import Callable
+
+import torch
 
 from thrifty.engine.scheduler import ScheduledSequence
 from thrifty.engine.sequence import Sequence
