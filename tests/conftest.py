@@ -28,3 +28,9 @@ def thrifty_server(tmp_path_factory):
     server = real_server(tmp_path_factory.mktemp("server") / "thrifty-serve.log")
     yield server
     assert server.stop() == 0, server.output()  # SIGTERM drains and exits cleanly
+
+
+@pytest.fixture(scope="module", params=["tiny_llama_gguf", "tiny_gemma3_gguf"])
+def model_path(request) -> Path:
+    """Each tiny model in turn, for engine tests that must hold on both architectures."""
+    return request.getfixturevalue(request.param)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from thrifty.api import LLM
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.errors import InvalidRequestError, PromptTooLongError
+from tests.fixtures.tiny_models import make_tiny_llm as make_llm
 
 PROMPTS = [
     "the cat sat on the mat",
@@ -17,17 +17,6 @@ PROMPTS = [
     "thrifty engines spend less per token on every machine they run on",
 ]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-@pytest.fixture(scope="module", params=["tiny_llama_gguf", "tiny_gemma3_gguf"])
-def model_path(request):
-    return request.getfixturevalue(request.param)
-
-
-def make_llm(path, **options) -> LLM:
-    options.setdefault("kv_cache_tokens", 2048)
-    options.setdefault("block_size", 4)
-    return LLM(str(path), **options)
 
 
 @pytest.fixture(scope="module")

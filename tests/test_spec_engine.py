@@ -3,9 +3,9 @@ alone and in batches with non-speculating sequences; rollback frees blocks; noth
 
 import pytest
 
-from thrifty.api import LLM
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.errors import InvalidRequestError
+from tests.fixtures.tiny_models import make_tiny_llm as make_llm
 
 PROMPTS = [
     "the cat sat on the mat, the cat sat on the mat, the cat sat on the",
@@ -19,17 +19,6 @@ PROPOSERS = ["ngram", "history"]
 
 def greedy(**extra) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **extra)
-
-
-@pytest.fixture(scope="module", params=["tiny_llama_gguf", "tiny_gemma3_gguf"])
-def model_path(request):
-    return request.getfixturevalue(request.param)
-
-
-def make_llm(path, **options) -> LLM:
-    options.setdefault("kv_cache_tokens", 2048)
-    options.setdefault("block_size", 4)
-    return LLM(str(path), **options)
 
 
 @pytest.fixture(scope="module")
