@@ -41,7 +41,7 @@ def test_batched_decode_equals_per_sequence(window):
     # Decodes of different context lengths, mixed with a prefill chunk and a tree-masked sequence.
     q, k, v, k_cache, v_cache, meta = batch([1, 1, 6, 1, 3], [9, 30, 12, 2, 20])
     meta.sequences[4].tree_mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
-    assert meta.decode is not None and meta.decode.indices == [0, 1, 3]
+    assert meta.decode is not None and meta.decode.indices == {0, 1, 3}
     kw = dict(scale=0.3, layer=0, sliding_window=window)
     expected = per_sequence(q, k, v, k_cache.clone(), v_cache.clone(), meta, **kw)
     out = paged_attention(q, k, v, k_cache, v_cache, meta, **kw)
@@ -52,6 +52,6 @@ def test_observed_sequences_keep_the_per_sequence_path():
     q, k, v, k_cache, v_cache, meta = batch([1, 1, 1], [4, 7, 5], seed=1)
     seen = []
     meta.sequences[1].observer = lambda layer, probs: seen.append(probs.shape)
-    assert meta.decode.indices == [0, 2]
+    assert meta.decode.indices == {0, 2}
     paged_attention(q, k, v, k_cache, v_cache, meta, scale=0.3, layer=0)
     assert seen == [(H, 1, 7)]

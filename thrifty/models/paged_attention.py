@@ -44,7 +44,7 @@ class SequenceSlice:
 class DecodeBatch:
     """The single-token sequences of a step, padded so all of them attend in one SDPA call."""
 
-    indices: list[int]  # their positions in AttentionMetadata.sequences
+    indices: frozenset[int]  # their positions in AttentionMetadata.sequences
     rows: torch.Tensor  # int64 [B]: their rows in the flat batch
     slot_ids: torch.Tensor  # int64 [B, max_context]: cache slots, padded with slot 0
     context_lens: torch.Tensor  # int64 [B, 1]
@@ -63,7 +63,7 @@ class DecodeBatch:
         lens = torch.tensor([s.context_len for s in chosen], device=device)[:, None]
         valid = torch.arange(slot_ids.shape[1], device=device)[None, :] < lens
         rows = torch.tensor([s.query_start for s in chosen], device=device)
-        return cls(indices, rows, slot_ids, lens, valid)
+        return cls(frozenset(indices), rows, slot_ids, lens, valid)
 
 
 @dataclass
@@ -117,10 +117,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     decode = meta.decode if softcap is None else None
-    batched = set()
+    batched: frozenset[int] = frozenset()
     if decode is not None:
         out[decode.rows] = _batched_decode(q, k_cache, v_cache, decode, scale, sliding_window)
-        batched = set(decode.indices)
+        batched = decode.indices
     for i, seq in enumerate(meta.sequences):
         if i in batched:
             continue
