@@ -23,6 +23,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, help="context window to use (default: the model's)")
     g.add_argument("--kv-cache-tokens", type=int, help="KV pool size in tokens")
     g.add_argument("--kv-cache-memory", help="KV pool size in bytes, e.g. 512MiB (instead of --kv-cache-tokens)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "kivi4"],
+                   help="KV cache storage: auto (the model's dtype), int8 (per-token scales) or kivi4 (KIVI 4-bit: "
+                        "keys per channel, values per token, partial blocks in full precision)")
     g.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     g.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template to use instead of the model's")
     g.add_argument("--kv-policy", help="KV eviction for requests that do not choose: streaming_llm, h2o, snapkv, "
@@ -118,6 +121,7 @@ def make_llm(args: argparse.Namespace, **engine_options: object):
     llm = LLM(args.model, device=args.device, dtype=args.dtype, weights=args.weights, max_model_len=args.max_model_len,
               kv_cache_tokens=args.kv_cache_tokens,
               kv_cache_bytes=parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
+              kv_cache_dtype=args.kv_cache_dtype,
               num_threads=args.threads, chat_template=chat_template, show_progress=sys.stderr.isatty(),
               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
               speculative_adaptive=not args.no_speculative_adaptive,

@@ -18,7 +18,7 @@ from thrifty.engine.scheduler import SCHEDULING_POLICIES, ScheduledSequence, Sch
 from thrifty.engine.sequence import Sequence
 from thrifty.errors import InvalidRequestError, PromptTooLongError
 from thrifty.kv.blocks import BlockManager
-from thrifty.kv.cache import KVCache, pool_blocks
+from thrifty.kv.cache import KVCache, check_kv_cache_dtype, pool_blocks
 from thrifty.kv.compression import KVCompressor, KVSpec
 from thrifty.loading.source import open_model_source
 from thrifty.loading.tokenizer import Tokenizer
@@ -51,6 +51,7 @@ class EngineConfig:
     kv_policy: str | None = None
     kv_budget: int | float | None = None  # tokens (int) or a fraction of the prompt (float)
     kv_policy_options: dict[str, object] | None = None
+    kv_cache_dtype: str = "auto"  # KV cache storage: auto (the model's dtype) | int8 | kivi4 (thrifty.kv.quant)
     show_progress: bool = False
     speculative: str | None = None  # default proposer for requests that do not choose: ngram | history
     num_speculative_tokens: int = 5  # most draft tokens per sequence and step
@@ -75,6 +76,7 @@ class EngineConfig:
             raise InvalidRequestError(f"speculative method {self.speculative!r} is unknown; use ngram, history or off")
         if not 1 <= self.num_speculative_tokens <= 64:
             raise InvalidRequestError("num_speculative_tokens must be between 1 and 64")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequestError("max_model_len must be at least 2")
 
@@ -132,8 +134,10 @@ class LLMEngine:
         context = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or context, context)
         num_blocks = pool_blocks(self.model_config, self.dtype, config.block_size, config.kv_cache_tokens,
-                                 config.kv_cache_bytes, default_tokens=max(self.max_model_len, DEFAULT_POOL_TOKENS))
-        self.kv_cache = KVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device)
+                                 config.kv_cache_bytes, default_tokens=max(self.max_model_len, DEFAULT_POOL_TOKENS),
+                                 kv_cache_dtype=config.kv_cache_dtype, max_num_seqs=config.max_num_seqs)
+        self.kv_cache = KVCache(self.model_config, num_blocks, config.block_size, self.dtype, self.device,
+                                config.kv_cache_dtype, config.max_num_seqs)
         self.model.bind_kv_cache(self.kv_cache.layers)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,

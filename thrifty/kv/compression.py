@@ -35,6 +35,7 @@ from thrifty.engine.sequence import Sequence
 from thrifty.errors import InvalidRequestError
 from thrifty.kv.blocks import BlockManager
 from thrifty.kv.cache import KVCache
+from thrifty.kv.quant import DenseKV
 from thrifty.kv.policies import KVPolicy, ScoreInputs, make_policy
 from thrifty.models.paged_attention import AttentionObserver
 
@@ -107,7 +108,7 @@ class KVCompressor:
     def __init__(self, kv_cache: KVCache, blocks: BlockManager, config: ModelConfig,
                  default: KVSpec | None = None) -> None:
         self.kv_cache = kv_cache
-        self.device = kv_cache.layers[0][0].device
+        self.device = kv_cache.stores[0].device
         self.blocks = blocks
         self.num_layers = config.num_layers
         self.num_kv_heads = config.num_kv_heads
@@ -177,6 +178,7 @@ class KVCompressor:
 
     def after_step(self, scheduled: list[ScheduledSequence]) -> None:
         """Called by the engine after each step: compress sequences at end of prefill or over budget."""
+        self.kv_cache.sync(self.blocks, [item.seq for item in scheduled])  # a quantized cache seals full blocks
         for item in scheduled:
             seq = item.seq
             state = self._states.get(seq)
@@ -216,13 +218,14 @@ class KVCompressor:
         window = min(state.policy.window(state.budget), budget - pinned)
         slots = self._slot_ids(seq)
         keep = []
-        for layer, (k_cache, v_cache) in enumerate(self.kv_cache.layers):
+        for layer, store in enumerate(self.kv_cache.stores):
             stat = state.stats[layer]
             if state.policy.needs_attention and (stat is None or stat.shape[-1] != seq.num_cached_slots):
                 raise RuntimeError(f"{state.policy.name}: no attention statistics for layer {layer}; "
                                    "the attention backend must call SequenceSlice.observer")
-            inputs = ScoreInputs(layer, self.num_layers, k_cache[slots].transpose(0, 1),
-                                 v_cache[slots].transpose(0, 1), stat, self._positions(seq, state, layer))
+            k, v = store.gather(slots)
+            inputs = ScoreInputs(layer, self.num_layers, k.transpose(0, 1), v.transpose(0, 1), stat,
+                                 self._positions(seq, state, layer))
             keep.append(keep_indices(state.policy.score(inputs), budget, window, pinned))
         return keep
 
@@ -246,16 +249,23 @@ class KVCompressor:
         slots = self._slot_ids(seq)
         heads = torch.arange(self.num_kv_heads, device=self.device)[:, None]
         kept = []
-        for (k_cache, v_cache), idx in zip(self.kv_cache.layers, keep):
+        for store, idx in zip(self.kv_cache.stores, keep):
             src = slots[idx[:, pinned:]]
-            kept.append((k_cache[src, heads], v_cache[src, heads]))
+            if isinstance(store, DenseKV):
+                kept.append((store.k[src, heads], store.v[src, heads]))
+            else:  # quantized: dequantize the sequence's slots once, pick each head's kept ones
+                k, v = store.gather(slots)
+                kept.append((k[idx[:, pinned:], heads], v[idx[:, pinned:], heads]))
         positions = [self._positions(seq, state, layer) for layer in range(self.num_layers)]
         if not self.blocks.compact(seq, budget, keep_blocks=pinned_blocks):
             raise RuntimeError("KV compaction found no blocks although can_compact said it would")
         dst = self._slot_ids(seq)[None, pinned:]
-        for layer, ((k_cache, v_cache), (k, v), idx) in enumerate(zip(self.kv_cache.layers, kept, keep)):
-            k_cache[dst, heads] = k
-            v_cache[dst, heads] = v
+        for layer, (store, (k, v), idx) in enumerate(zip(self.kv_cache.stores, kept, keep)):
+            if isinstance(store, DenseKV):
+                store.k[dst, heads] = k
+                store.v[dst, heads] = v
+            else:  # one write of [slots, kv_heads, head_dim] (the same dst tensor for every layer)
+                store.write(dst[0], k.transpose(0, 1), v.transpose(0, 1))
             state.positions[layer] = positions[layer].gather(1, idx)
             stat = state.stats[layer]
             if stat is not None:

@@ -6,6 +6,11 @@ a list of blocks (its block table); its cached tokens live in the slots of those
 blocks, in order. The model runner turns block tables into `slot_ids` once per step
 so each layer only gathers.
 
+A quantized KV cache (thrifty.kv.quant) is bound as one store object in place of both
+tensors; attention then writes through it and gathers dequantized keys and values, using this
+step's own keys and values in full precision for the new tokens. Plain tensors keep the
+direct indexing below.
+
 Keys are stored after RoPE, so a cached token carries its position with it and the
 cache may later be compacted (eviction) without touching the keys. Within a
 sequence the new tokens of this step always occupy the last `query_len` of its
@@ -19,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from thrifty.kv.quant.base import LayerKV
 
 
 # Called with (layer index, attention probabilities [num_heads, query_len, context_len]) for a
@@ -114,20 +121,29 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim]. Returns [T, num_heads, head_dim].
     `layer` identifies the layer to attention observers.
     """
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    store = k_cache if isinstance(k_cache, LayerKV) else None
+    if store is None:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    else:
+        store.write(meta.slot_mapping, k, v)
     out = torch.empty_like(q)
     decode = meta.decode if softcap is None else None
     batched: frozenset[int] = frozenset()
     if decode is not None:
-        out[decode.rows] = _batched_decode(q, k_cache, v_cache, decode, scale, sliding_window)
+        out[decode.rows] = _batched_decode(q, k_cache, v_cache, decode, scale, sliding_window, k, v)
         batched = decode.indices
     for i, seq in enumerate(meta.sequences):
         if i in batched:
             continue
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
         qs = q[rows].transpose(0, 1)  # [H, q, D]
-        ks = k_cache[seq.slot_ids].transpose(0, 1).to(q.dtype)  # [KVH, ctx, D]
-        vs = v_cache[seq.slot_ids].transpose(0, 1).to(q.dtype)
+        if store is None:
+            ks = k_cache[seq.slot_ids].transpose(0, 1).to(q.dtype)  # [KVH, ctx, D]
+            vs = v_cache[seq.slot_ids].transpose(0, 1).to(q.dtype)
+        else:  # cached tokens dequantized, this step's own tokens as computed
+            old_k, old_v = store.gather(seq.slot_ids[:seq.context_len - seq.query_len], q.dtype)
+            ks = torch.cat((old_k, k[rows].to(q.dtype))).transpose(0, 1)
+            vs = torch.cat((old_v, v[rows].to(q.dtype))).transpose(0, 1)
         allowed = _allowed_keys(seq, sliding_window, q.device)
         if softcap is None and seq.observer is None:
             attended = F.scaled_dot_product_attention(
@@ -141,12 +157,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
-def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: DecodeBatch,
-                    scale: float, sliding_window: int | None) -> torch.Tensor:
+def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor | LayerKV, v_cache: torch.Tensor | LayerKV,
+                    decode: DecodeBatch, scale: float, sliding_window: int | None,
+                    k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
     """One SDPA call for all single-token sequences over their padded, gathered caches: [B, H, D]."""
     qs = q[decode.rows][:, :, None, :]  # [B, H, 1, D]
-    ks = k_cache[decode.slot_ids].permute(0, 2, 1, 3).to(q.dtype)  # [B, KVH, ctx, D]
-    vs = v_cache[decode.slot_ids].permute(0, 2, 1, 3).to(q.dtype)
+    if isinstance(k_cache, LayerKV):
+        ks, vs = k_cache.gather(decode.slot_ids, q.dtype)  # [B, ctx, KVH, D]
+        if k_new is not None and v_new is not None:  # each new token as computed, at its last valid slot
+            batch, last = torch.arange(len(decode.rows), device=q.device), decode.context_lens[:, 0] - 1
+            ks[batch, last] = k_new[decode.rows].to(q.dtype)
+            vs[batch, last] = v_new[decode.rows].to(q.dtype)
+        ks, vs = ks.permute(0, 2, 1, 3), vs.permute(0, 2, 1, 3)
+    else:
+        ks = k_cache[decode.slot_ids].permute(0, 2, 1, 3).to(q.dtype)  # [B, KVH, ctx, D]
+        vs = v_cache[decode.slot_ids].permute(0, 2, 1, 3).to(q.dtype)
     allowed = decode.valid
     if sliding_window is not None:
         slots = torch.arange(allowed.shape[1], device=q.device)[None, :]

@@ -16,6 +16,7 @@ from thrifty.engine.sampler import Sampler, TokenLogprob
 from thrifty.engine.scheduler import ScheduledSequence
 from thrifty.engine.sequence import Sequence
 from thrifty.kv.blocks import BlockManager
+from thrifty.kv.quant import copy_slots
 from thrifty.spec.adaptive import AdaptiveDraftLength, StepCostModel
 from thrifty.spec.draft import Draft, Proposer
 from thrifty.spec.history import HistoryProposer
@@ -120,8 +121,7 @@ class Speculator:
             src = torch.tensor(self.blocks_slots(seq, [s for s, _ in moved]))
             dst = torch.tensor(self.blocks_slots(seq, [d for _, d in moved]))
             for k_cache, v_cache in self.kv_layers:
-                k_cache.index_copy_(0, dst.to(k_cache.device), k_cache.index_select(0, src.to(k_cache.device)))
-                v_cache.index_copy_(0, dst.to(v_cache.device), v_cache.index_select(0, src.to(v_cache.device)))
+                copy_slots(k_cache, v_cache, src, dst)  # whatever the cache's storage (thrifty.kv.quant)
         self.blocks.truncate(seq, seq.num_cached_slots - (len(draft) - len(path)))
         seq.num_computed_tokens += len(path)
         self.blocks.commit(seq)  # only now may the accepted tokens' full blocks enter the prefix cache
