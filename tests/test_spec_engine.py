@@ -14,7 +14,7 @@ PROMPTS = [
     "hello world, this is a longer prompt that needs more than one block of the cache; hello world",
     "x y z x y z x y z",
 ]
-PROPOSERS = ["ngram", "history"]
+PROPOSERS = ["ngram", "history", "draft", "layerskip"]
 
 
 def greedy(**extra) -> SamplingParams:

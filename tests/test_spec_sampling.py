@@ -8,12 +8,12 @@ from scipy.stats import chisquare
 from thrifty.api import LLM
 from thrifty.engine.sampling_params import SamplingParams
 from thrifty.engine.sequence import Sequence
-from thrifty.spec.draft import Draft
+from thrifty.spec.draft import Draft, PerSequenceProposer
 from thrifty.spec.verify import _processed
 from tests.fixtures.tiny_models import write_tiny_gemma3_gguf
 
 
-class FixedTree:
+class FixedTree(PerSequenceProposer):
     """Drafts the same two-way tree after every context: first-level candidates, each with one child."""
 
     name = "ngram"
@@ -32,7 +32,7 @@ class FixedTree:
         pass
 
 
-class Oracle:
+class Oracle(PerSequenceProposer):
     """Knows the true greedy continuation; hides it behind a wrong first branch at every level."""
 
     name = "ngram"

@@ -32,8 +32,18 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                                        "tova, knorm, keyformer (default none)")
     g.add_argument("--kv-budget", type=_kv_budget, help="KV slots each sequence keeps: tokens (e.g. 512) "
                                                         "or a fraction of the prompt (e.g. 0.25)")
-    g.add_argument("--speculative", choices=["ngram", "history", "off"],
-                   help="speculative decoding for requests that do not choose (default off)")
+    g.add_argument("--speculative", choices=["ngram", "history", "draft", "layerskip", "off"],
+                   help="speculative decoding for requests that do not choose (default off): ngram (prompt lookup), "
+                        "history (shared pool of earlier continuations), draft (a draft model), layerskip (the "
+                        "target with some layers skipped)")
+    g.add_argument("--speculative-draft-model", metavar="MODEL",
+                   help="draft model for --speculative draft: catalog name or file with the same tokenizer "
+                        "(default: the target's own file, run as --speculative-draft-weights)")
+    g.add_argument("--speculative-draft-weights", default="int4",
+                   choices=["auto", "gguf", "int8", "int4", "bf16", "fp32"],
+                   help="run format of the draft model (default int4: a cheap copy of the target)")
+    g.add_argument("--speculative-layer-fraction", type=float, default=0.5,
+                   help="share of the target's layers the layerskip drafter runs (default 0.5)")
     g.add_argument("--num-speculative-tokens", type=int, default=5, help="most draft tokens per step (default 5)")
     g.add_argument("--no-speculative-adaptive", action="store_true",
                    help="fixed draft length; by default it follows acceptance and turns off when it does not pay")
@@ -125,6 +135,9 @@ def make_llm(args: argparse.Namespace, **engine_options: object):
               num_threads=args.threads, chat_template=chat_template, show_progress=sys.stderr.isatty(),
               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
               speculative_adaptive=not args.no_speculative_adaptive,
+              speculative_draft_model=args.speculative_draft_model,
+              speculative_draft_weights=args.speculative_draft_weights,
+              speculative_layer_fraction=args.speculative_layer_fraction,
               kv_policy=args.kv_policy, kv_budget=args.kv_budget, **engine_options)
     print(f"[loaded {args.model} in {time.perf_counter() - started:.1f}s]", file=sys.stderr)
     return llm

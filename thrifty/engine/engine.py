@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,10 +23,12 @@ from thrifty.kv.cache import KVCache, check_kv_cache_dtype, pool_blocks
 from thrifty.kv.compression import KVCompressor, KVSpec
 from thrifty.loading.source import open_model_source
 from thrifty.loading.tokenizer import Tokenizer
-from thrifty.models.registry import build_model
-from thrifty.quant.convert import finish_loading, set_weights_choice
+from thrifty.models.base import CausalLM
+from thrifty.models.registry import load_model
 from thrifty.quant.formats import WEIGHT_CHOICES, resolve_choice
-from thrifty.spec.speculator import Speculator
+from thrifty.spec.layer_skip import default_kept_layers, layer_skip_view
+from thrifty.spec.model_drafter import ModelDrafter
+from thrifty.spec.speculator import PROPOSERS, Speculator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_POOL_TOKENS = 16384
@@ -53,9 +56,15 @@ class EngineConfig:
     kv_policy_options: dict[str, object] | None = None
     kv_cache_dtype: str = "auto"  # KV cache storage: auto (the model's dtype) | int8 | kivi4 (thrifty.kv.quant)
     show_progress: bool = False
-    speculative: str | None = None  # default proposer for requests that do not choose: ngram | history
+    speculative: str | None = None  # default proposer for requests that do not choose: ngram|history|draft|layerskip
     num_speculative_tokens: int = 5  # most draft tokens per sequence and step
     speculative_adaptive: bool = True  # draft length from acceptance and step cost; plain decoding when it does not pay
+    # The `draft` proposer's model (same tokenizer; default: the target's own file) and its run format,
+    # by default the int4 copy of the target; it loads when a request first asks for it.
+    speculative_draft_model: str | None = None
+    speculative_draft_weights: str = "int4"
+    speculative_layer_fraction: float = 0.5  # share of the target's layers the `layerskip` drafter runs
+    speculative_draft_kv_tokens: int = 8192  # KV pool of a model drafter (its sequences stop drafting when full)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -72,8 +81,16 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be at least 1")
-        if self.speculative not in (None, "off", "ngram", "history"):
-            raise InvalidRequestError(f"speculative method {self.speculative!r} is unknown; use ngram, history or off")
+        if self.speculative not in (None, "off", *PROPOSERS):
+            raise InvalidRequestError(f"speculative method {self.speculative!r} is unknown; "
+                                      f"use one of {', '.join(PROPOSERS)} or off")
+        if self.speculative_draft_weights not in WEIGHT_CHOICES:
+            raise InvalidRequestError(f"speculative_draft_weights {self.speculative_draft_weights!r} is unknown; "
+                                      f"use one of {', '.join(WEIGHT_CHOICES)}")
+        if not 0 < self.speculative_layer_fraction < 1:
+            raise InvalidRequestError("speculative_layer_fraction must be between 0 and 1 (exclusive)")
+        if self.speculative_draft_kv_tokens < self.block_size:
+            raise InvalidRequestError("speculative_draft_kv_tokens must hold at least one KV block")
         if not 1 <= self.num_speculative_tokens <= 64:
             raise InvalidRequestError("num_speculative_tokens must be between 1 and 64")
         check_kv_cache_dtype(self.kv_cache_dtype)
@@ -122,14 +139,8 @@ class LLMEngine:
         self.model_name = config.model
         self.tokenizer = (Tokenizer.from_gguf(path, name=config.model) if source.format == "gguf"
                           else Tokenizer.from_pretrained_dir(path, name=config.model))
-        self.model = build_model(self.model_config, self.dtype, self.device)
         self.weights = resolve_choice(config.weights, self.device)
-        set_weights_choice(self.model, self.weights)
-        weights = source.iter_weights()
-        if config.show_progress:
-            weights = tqdm(weights, desc="loading weights", unit=" tensors", leave=False)
-        self.model.load_weights(weights)
-        finish_loading(self.model)
+        self.model = load_model(source, self.dtype, self.device, self.weights, self._progress("loading weights"))
 
         context = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or context, context)
@@ -152,8 +163,39 @@ class LLMEngine:
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.speculator = Speculator(self.block_manager, self.kv_cache.layers, self.tokenizer.eos_token_ids,
                                      self.max_model_len, config.speculative, config.num_speculative_tokens,
-                                     config.speculative_adaptive, self.model_config.sliding_window)
+                                     config.speculative_adaptive, self.model_config.sliding_window,
+                                     model_drafters={"draft": self._draft_model_drafter,
+                                                     "layerskip": self._layer_skip_drafter})
+        if config.speculative not in (None, "off"):
+            self.speculator.proposer(config.speculative)
         self.requests: dict[str, _Request] = {}
+
+    def _progress(self, what: str) -> Callable[[Iterable], Iterable] | None:
+        if not self.config.show_progress:
+            return None
+        return lambda items: tqdm(items, desc=what, unit=" tensors", leave=False)
+
+    def _model_drafter(self, name: str, model: CausalLM) -> ModelDrafter:
+        num_blocks = max(1, self.config.speculative_draft_kv_tokens // self.config.block_size)
+        return ModelDrafter(name, model, num_blocks, self.config.block_size, self.dtype, self.device)
+
+    def _draft_model_drafter(self) -> ModelDrafter:
+        """The `draft` proposer: a separate model (by default the target's file in a cheaper run format)."""
+        config = self.config
+        path = resolve_model(config.speculative_draft_model or config.model)
+        source = open_model_source(path)
+        if source.config.vocab_size != self.model_config.vocab_size:
+            raise InvalidRequestError(
+                f"the draft model {path} has a vocabulary of {source.config.vocab_size} tokens but the target has "
+                f"{self.model_config.vocab_size}; a draft model must share the target's tokenizer")
+        weights = resolve_choice(config.speculative_draft_weights, self.device)
+        model = load_model(source, self.dtype, self.device, weights, self._progress("loading draft model"))
+        return self._model_drafter("draft", model)
+
+    def _layer_skip_drafter(self) -> ModelDrafter:
+        """The `layerskip` proposer: the target itself running a subset of its layers."""
+        kept = default_kept_layers(self.model_config.num_layers, self.config.speculative_layer_fraction)
+        return self._model_drafter("layerskip", layer_skip_view(self.model, kept))
 
     # -- requests -----------------------------------------------------------------------
 
@@ -181,6 +223,9 @@ class LLMEngine:
             raise InvalidRequestError(f"stop_token_ids {params.stop_token_ids} include ids outside the "
                                       f"vocabulary [0, {vocab}); use this model's token ids")
         self.kv_compressor.resolve(params)
+        method = params.speculative or self.config.speculative
+        if method not in (None, "off"):
+            self.speculator.proposer(method)  # a draft model loads here, so its errors reach this request
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = [Sequence(request_id, i, token_ids, params, arrival) for i in range(params.n)]
         texts = [_SequenceText(IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens))

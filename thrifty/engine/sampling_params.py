@@ -8,7 +8,7 @@ from thrifty.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5
-SPECULATIVE_METHODS = (None, "off", "ngram", "history")
+SPECULATIVE_METHODS = (None, "off", "ngram", "history", "draft", "layerskip")
 
 
 @dataclass

@@ -31,6 +31,7 @@ class ScheduledSequence:
     num_tokens: int  # tokens of seq.token_ids the model computes this step
     draft: Draft | None = None  # speculative tokens computed after them (KV slots reserved too)
     accepted_path: list[int] = field(default_factory=list)  # draft nodes verification accepted
+    host_seconds: float = 0.0  # time spent verifying the draft, for the speculation cost model
 
     @property
     def num_query_tokens(self) -> int:

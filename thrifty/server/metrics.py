@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -16,6 +18,9 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+# Keys of LLMEngine.stats() from thrifty.spec.speculator: spec_<proposer>_<what>.
+_SPEC_KEY = re.compile(r"spec_(\w+?)_(drafts|draft_tokens|accepted_tokens|acceptance_rate|mean_accepted_length)")
 
 
 class ServerMetrics:
@@ -50,8 +55,21 @@ class ServerMetrics:
                                 "first choice (abort: the client went away)", ["finish_reason"], registry=r)
         self.rejected = Counter("thrifty_requests_rejected", "Requests refused before reaching the engine",
                                 ["reason"], registry=r)
+        self.spec_drafts = Counter("thrifty_spec_drafts", "Speculative drafts verified, by proposer",
+                                   ["proposer"], registry=r)
+        self.spec_draft_tokens = Counter("thrifty_spec_draft_tokens", "Speculative tokens proposed, by proposer",
+                                         ["proposer"], registry=r)
+        self.spec_accepted_tokens = Counter("thrifty_spec_accepted_tokens",
+                                            "Speculative tokens the target accepted, by proposer", ["proposer"],
+                                            registry=r)
+        self.spec_acceptance = Gauge("thrifty_spec_acceptance_rate",
+                                     "Accepted / proposed speculative tokens since start, by proposer",
+                                     ["proposer"], registry=r)
+        self.spec_accepted_length = Gauge("thrifty_spec_mean_accepted_length",
+                                          "Accepted tokens per draft since start, by proposer", ["proposer"], registry=r)
         self._last_token_time: dict[str, float] = {}
         self._preemptions_seen = 0
+        self._spec_seen: dict[tuple[str, str], float] = {}
 
     def observe(self, output: RequestOutput, now: float) -> None:
         """Account one output of one request (engine thread). `now` is on the time.monotonic clock."""
@@ -76,7 +94,7 @@ class ServerMetrics:
         self._last_token_time.pop(request_id, None)
         self.finished.labels("abort").inc()
 
-    def update_engine_stats(self, stats: dict[str, int]) -> None:
+    def update_engine_stats(self, stats: dict[str, float]) -> None:
         self.running.set(stats["num_running"])
         self.waiting.set(stats["num_waiting"])
         self.kv_used.set(stats["kv_blocks_used"])
@@ -85,6 +103,24 @@ class ServerMetrics:
         # The engine keeps a running total; a Counter only moves forward, so add the difference.
         self.preemptions.inc(max(0, stats["num_preemptions"] - self._preemptions_seen))
         self._preemptions_seen = max(self._preemptions_seen, stats["num_preemptions"])
+        self._update_speculation(stats)
+
+    def _update_speculation(self, stats: dict[str, float]) -> None:
+        counters = {"drafts": self.spec_drafts, "draft_tokens": self.spec_draft_tokens,
+                    "accepted_tokens": self.spec_accepted_tokens}
+        for key, value in stats.items():
+            match = _SPEC_KEY.fullmatch(key)
+            if match is None:
+                continue
+            proposer, what = match.groups()
+            if what in counters:
+                seen = self._spec_seen.get((proposer, what), 0)
+                counters[what].labels(proposer).inc(max(0, value - seen))
+                self._spec_seen[(proposer, what)] = max(seen, value)
+            elif what == "acceptance_rate":
+                self.spec_acceptance.labels(proposer).set(value)
+            else:
+                self.spec_accepted_length.labels(proposer).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

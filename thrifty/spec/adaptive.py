@@ -3,8 +3,10 @@
 Step time is modelled as a + b*T for T tokens in the batch, fitted online from the
 engine's own timings. With per-token acceptance alpha, drafting k tokens yields
 E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens this step for this sequence but makes the
-whole step slower for all B decoding sequences; batch throughput rises exactly when
-E(k) - 1 > B*b*k / (a + b*T). The controller picks the k with the largest margin, and
+whole step slower for all B decoding sequences, and drafting itself costs c per draft
+token (a draft model's forward pass; zero for lookups) plus a fixed d of host work
+(proposing, verifying, rolling back); batch throughput rises exactly when
+E(k) - 1 > (B*b*k + c*k + d) / (a + b*T). The controller picks the k with the largest margin, and
 k = 0 (plain decoding) when no k pays: that is the fallback. Acceptance of a sequence
 that stopped drafting drifts back towards the prior, so it gets probed again later.
 """
@@ -79,7 +81,8 @@ class AdaptiveDraftLength:
         s = self._state(seq)
         return s.accepted / (s.accepted + s.rejected)
 
-    def draft_length(self, seq: Sequence, max_tokens: int, num_decoding: int, batch_tokens: int) -> int:
+    def draft_length(self, seq: Sequence, max_tokens: int, num_decoding: int, batch_tokens: int,
+                     seconds_per_token: float = 0.0, seconds_per_draft: float = 0.0) -> int:
         """Best k in [0, max_tokens] for this sequence in a batch of `num_decoding` sequences."""
         alpha = min(self.acceptance(seq), 0.99)
         a, b = self.cost.coefficients()
@@ -88,7 +91,7 @@ class AdaptiveDraftLength:
         expected = 1.0
         for k in range(1, max_tokens + 1):
             expected += alpha ** k
-            margin = (expected - 1) - num_decoding * b * k / step
+            margin = (expected - 1) - (num_decoding * b * k + seconds_per_token * k + seconds_per_draft) / step
             if margin > best_margin:
                 best_k, best_margin = k, margin
         return best_k

@@ -70,14 +70,29 @@ class Draft:
 
 
 class Proposer(Protocol):
-    """Proposes tokens for a decoding sequence; must be cheap next to a forward pass."""
+    """Proposes tokens for decoding sequences; must cost less than the forward passes it saves."""
 
     name: str
 
-    def propose(self, seq: Sequence, max_tokens: int) -> Draft | None:
-        """At most `max_tokens` draft nodes continuing seq.token_ids, or None to decode plainly."""
+    def propose_batch(self, seqs: list[Sequence], limits: list[int]) -> list[Draft | None]:
+        """For each sequence at most `limits[i]` draft nodes continuing its token_ids, or None (decode plainly)."""
         ...
 
     def observe(self, token_ids: list[int], logits: torch.Tensor) -> None:
         """Learn from a step: logits [len(token_ids), vocab] of the tokens that were fed in."""
         ...
+
+
+class PerSequenceProposer:
+    """Base of proposers that look at one sequence at a time (lookups, no model)."""
+
+    name: str
+
+    def propose(self, seq: Sequence, max_tokens: int) -> Draft | None:
+        raise NotImplementedError
+
+    def propose_batch(self, seqs: list[Sequence], limits: list[int]) -> list[Draft | None]:
+        return [self.propose(seq, limit) if limit > 0 else None for seq, limit in zip(seqs, limits)]
+
+    def observe(self, token_ids: list[int], logits: torch.Tensor) -> None:
+        pass

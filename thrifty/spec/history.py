@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from thrifty.engine.sequence import Sequence
-from thrifty.spec.draft import Draft
+from thrifty.spec.draft import Draft, PerSequenceProposer
 
 
-class HistoryProposer:
+class HistoryProposer(PerSequenceProposer):
     name = "history"
 
     def __init__(self, branching: tuple[int, ...] = (3, 2, 1, 1, 1, 1, 1, 1), width: int = 4) -> None:

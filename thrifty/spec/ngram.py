@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import weakref
 
-import torch
-
 from thrifty.engine.sequence import Sequence
-from thrifty.spec.draft import Draft
+from thrifty.spec.draft import Draft, PerSequenceProposer
 
 
 class _Index:
@@ -30,7 +28,7 @@ class _Index:
         self.indexed = len(tokens)
 
 
-class NgramProposer:
+class NgramProposer(PerSequenceProposer):
     name = "ngram"
 
     def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
@@ -52,6 +50,3 @@ class NgramProposer:
                 if continuation:
                     return Draft.chain(continuation, self.name)
         return None
-
-    def observe(self, token_ids: list[int], logits: torch.Tensor) -> None:
-        pass

@@ -8,13 +8,16 @@ plain sequences); `settle` keeps the accepted tokens' KV and rolls back the rest
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
 from thrifty.engine.sampler import Sampler, TokenLogprob
 from thrifty.engine.scheduler import ScheduledSequence
 from thrifty.engine.sequence import Sequence
+from thrifty.errors import InvalidRequestError
 from thrifty.kv.blocks import BlockManager
 from thrifty.kv.quant import copy_slots
 from thrifty.spec.adaptive import AdaptiveDraftLength, StepCostModel
@@ -23,18 +26,17 @@ from thrifty.spec.history import HistoryProposer
 from thrifty.spec.ngram import NgramProposer
 from thrifty.spec.verify import verify
 
-PROPOSERS = ("ngram", "history")
+LOOKUP_PROPOSERS: dict[str, Callable[[], Proposer]] = {"ngram": NgramProposer, "history": HistoryProposer}
+MODEL_PROPOSERS = ("draft", "layerskip")  # built by the engine, which owns the models
+PROPOSERS = (*LOOKUP_PROPOSERS, *MODEL_PROPOSERS)
 OFF = "off"
-
-
-def make_proposer(name: str) -> Proposer:
-    return {"ngram": NgramProposer, "history": HistoryProposer}[name]()
 
 
 class Speculator:
     def __init__(self, block_manager: BlockManager, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
                  eos_token_ids: list[int], max_model_len: int, default_method: str | None = None,
-                 num_speculative_tokens: int = 5, adaptive: bool = True, sliding_window: int | None = None) -> None:
+                 num_speculative_tokens: int = 5, adaptive: bool = True, sliding_window: int | None = None,
+                 model_drafters: dict[str, Callable[[], Proposer]] | None = None) -> None:
         self.blocks = block_manager
         self.kv_layers = kv_layers
         self.eos_token_ids = eos_token_ids
@@ -42,7 +44,12 @@ class Speculator:
         self.default_method = default_method
         self.num_speculative_tokens = num_speculative_tokens
         self.sliding_window = sliding_window
-        self.proposers = {name: make_proposer(name) for name in PROPOSERS}
+        self.proposers: dict[str, Proposer] = {name: make() for name, make in LOOKUP_PROPOSERS.items()}
+        self._drafter_factories = dict(model_drafters or {})  # model drafters load on first use
+        # Host seconds per drafted sequence (proposing, verifying, settling), by proposer: what a
+        # draft costs besides the forward passes, so the controller can tell when it does not pay.
+        self.propose_seconds: dict[str, float] = {}
+        self.verify_seconds: dict[str, float] = {}
         self.cost = StepCostModel()
         self.adaptive = AdaptiveDraftLength(self.cost) if adaptive else None
         self.counts: dict[str, dict[str, int]] = defaultdict(lambda: {"drafts": 0, "draft_tokens": 0,
@@ -52,12 +59,27 @@ class Speculator:
         method = seq.params.speculative or self.default_method
         return None if method == OFF else method
 
+    def proposer(self, method: str) -> Proposer:
+        """The proposer called `method`, building a model drafter the first time it is asked for."""
+        if method not in self.proposers:
+            if method not in self._drafter_factories:
+                raise InvalidRequestError(f"speculative method {method!r} is not available in this engine; use one "
+                                          f"of {', '.join([*self.proposers, *self._drafter_factories])} or off")
+            self.proposers[method] = self._drafter_factories[method]()
+        return self.proposers[method]
+
+    def _draft_costs(self, method: str) -> tuple[float, float]:
+        """(seconds per draft token, fixed seconds per draft) of a proposer, as measured so far."""
+        per_token = getattr(self.proposers.get(method), "seconds_per_pass", 0.0)
+        return per_token, self.propose_seconds.get(method, 0.0) + self.verify_seconds.get(method, 0.0)
+
     # -- before scheduling ----------------------------------------------------------------------
 
     def propose(self, running: list[Sequence]) -> None:
         decoding = [s for s in running if s.num_uncomputed_tokens == 1]
         for seq in running:
             seq.draft = None
+        groups: dict[str, tuple[list[Sequence], list[int]]] = defaultdict(lambda: ([], []))
         for seq in decoding:
             method = self._method(seq)
             if method is None:
@@ -67,16 +89,34 @@ class Speculator:
             if seq.params.max_tokens is not None:
                 limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
             if self.adaptive is not None and limit > 0:
-                limit = self.adaptive.draft_length(seq, limit, len(decoding), len(decoding))
-            draft = self.proposers[method].propose(seq, limit) if limit > 0 else None
-            if draft is None:
+                limit = self.adaptive.draft_length(seq, limit, len(decoding), len(decoding),
+                                                   *self._draft_costs(method))
+            if limit <= 0:
                 if self.adaptive is not None:
                     self.adaptive.idle(seq)
                 continue
-            if (not draft.is_chain and self.sliding_window is not None
-                    and seq.num_tokens + len(draft) > self.sliding_window):
-                draft = _first_branch(draft)  # tree nodes' slots exceed their positions, so windows would cut wrongly
-            seq.draft = draft
+            groups[method][0].append(seq)
+            groups[method][1].append(limit)
+        for method, (seqs, limits) in groups.items():
+            proposer = self.proposer(method)
+            started = time.perf_counter()
+            drafts = proposer.propose_batch(seqs, limits)
+            drafted = [d for d in drafts if d is not None]
+            if drafted:
+                # Passes and prompt reading (a one-off per sequence, like prefill) are not per-draft overhead.
+                passes_seconds = getattr(proposer, "seconds_per_pass", 0.0) * max(len(d) for d in drafted)
+                one_off = getattr(proposer, "catch_up_seconds", 0.0)
+                fixed = max(0.0, time.perf_counter() - started - passes_seconds - one_off) / len(drafted)
+                _running_mean(self.propose_seconds, method, fixed)
+            for seq, draft in zip(seqs, drafts):
+                if draft is None:
+                    if self.adaptive is not None:
+                        self.adaptive.idle(seq)
+                    continue
+                if (not draft.is_chain and self.sliding_window is not None
+                        and seq.num_tokens + len(draft) > self.sliding_window):
+                    draft = _first_branch(draft)  # tree nodes' slots exceed their positions, so windows would cut wrongly
+                seq.draft = draft
 
     def record_step(self, num_tokens: int, seconds: float) -> None:
         self.cost.record(num_tokens, seconds)
@@ -103,9 +143,11 @@ class Speculator:
             for proposer in self.proposers.values():  # shared pools learn from every sequence, speculating or not
                 proposer.observe(fed, rows)
             if draft is not None:
+                started = time.perf_counter()
                 verdict = verify(draft, rows, seq, self.eos_token_ids)
                 item.accepted_path = verdict.path
                 results[i] = (verdict.tokens, verdict.logprobs)
+                item.host_seconds = time.perf_counter() - started
         return results
 
     def settle(self, item: ScheduledSequence, num_appended: int) -> None:
@@ -113,6 +155,7 @@ class Speculator:
         draft, seq = item.draft, item.seq
         if draft is None:
             return
+        started = time.perf_counter()
         path = item.accepted_path[:max(0, num_appended - 1)]
         first_new = seq.num_cached_slots - len(draft)  # slot of draft node 1
         moved = [(first_new + node - 1, first_new + depth) for depth, node in enumerate(path)
@@ -125,6 +168,7 @@ class Speculator:
         self.blocks.truncate(seq, seq.num_cached_slots - (len(draft) - len(path)))
         seq.num_computed_tokens += len(path)
         self.blocks.commit(seq)  # only now may the accepted tokens' full blocks enter the prefix cache
+        _running_mean(self.verify_seconds, draft.proposer, item.host_seconds + time.perf_counter() - started)
         counts = self.counts[draft.proposer]
         counts["drafts"] += 1
         counts["draft_tokens"] += len(draft)
@@ -145,6 +189,10 @@ class Speculator:
             out[f"spec_{name}_acceptance_rate"] = c["accepted_tokens"] / max(c["draft_tokens"], 1)
             out[f"spec_{name}_mean_accepted_length"] = c["accepted_tokens"] / max(c["drafts"], 1)
         return out
+
+
+def _running_mean(means: dict[str, float], key: str, value: float, weight: float = 0.1) -> None:
+    means[key] = value if key not in means else (1 - weight) * means[key] + weight * value
 
 
 def _first_branch(draft: Draft) -> Draft:

@@ -1,0 +1,86 @@
+"""Model drafters (draft model, layer skipping): layer selection, weight sharing, the shadow KV's
+sync and rollback (a full-depth view drafts exactly what the target decodes), a full draft pool."""
+
+import pytest
+import torch
+
+from thrifty.engine.sampling_params import SamplingParams
+from thrifty.errors import InvalidRequestError
+from thrifty.spec.layer_skip import default_kept_layers, layer_skip_view
+from tests.fixtures.tiny_models import make_tiny_llm as make_llm
+
+PROMPTS = ["the cat sat on the mat, the cat sat on the", "hello world, this is a longer prompt; hello", "a"]
+
+
+def greedy(**extra) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, **extra)
+
+
+def test_kept_layers_keep_both_ends_and_the_asked_share():
+    kept = default_kept_layers(30, 0.5)
+    assert len(kept) == 15 and kept == sorted(set(kept))
+    assert {0, 1, 28, 29} <= set(kept)
+    assert default_kept_layers(4, 0.5) == [0, 3]
+    assert default_kept_layers(3, 0.5) == [0, 2]
+    assert default_kept_layers(6, 1.0) == list(range(6))
+    with pytest.raises(ValueError):
+        default_kept_layers(6, 0.0)
+
+
+def test_layer_skip_view_shares_weights_but_not_kv(tiny_llama_gguf):
+    llm = make_llm(tiny_llama_gguf)
+    target = llm.engine.model
+    view = layer_skip_view(target, [0, 1])
+    assert len(view.model.layers) == 2 and len(target.model.layers) > 2
+    assert view.model.layers[1].mlp is target.model.layers[1].mlp  # same weights, not copies
+    caches = [(torch.zeros(8, *target.kv_cache_shape()), torch.zeros(8, *target.kv_cache_shape())) for _ in range(2)]
+    target_cache = target.model.layers[0].self_attn.k_cache
+    view.bind_kv_cache(caches)
+    assert view.model.layers[0].self_attn.k_cache is caches[0][0]
+    assert target.model.layers[0].self_attn.k_cache is target_cache
+
+
+def test_full_depth_view_drafts_exactly_the_targets_tokens(tiny_llama_gguf):
+    """With every layer kept the drafter is the target: every draft token must be accepted,
+    which only holds if the shadow cache syncs and rolls back correctly step after step."""
+    reference = [o.outputs[0].token_ids for o in make_llm(tiny_llama_gguf).generate(PROMPTS, greedy())]
+    llm = make_llm(tiny_llama_gguf, speculative_adaptive=False, num_speculative_tokens=4)
+    engine = llm.engine
+    depth = engine.model_config.num_layers
+    engine.speculator.proposers["layerskip"] = engine._model_drafter(
+        "layerskip", layer_skip_view(engine.model, list(range(depth))))
+    outputs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(speculative="layerskip"))]
+    assert outputs == reference
+    stats = engine.stats()
+    assert stats["spec_layerskip_draft_tokens"] > 0
+    assert stats["spec_layerskip_acceptance_rate"] > 0.95
+
+
+def test_a_full_draft_pool_only_stops_drafting(tiny_llama_gguf):
+    reference = [o.outputs[0].token_ids for o in make_llm(tiny_llama_gguf).generate(PROMPTS, greedy())]
+    llm = make_llm(tiny_llama_gguf, speculative_adaptive=False, speculative_draft_kv_tokens=12)
+    outputs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(speculative="draft"))]
+    assert outputs == reference
+    drafter = llm.engine.speculator.proposers["draft"]
+    assert drafter.blocks.num_used_blocks <= drafter.blocks.num_blocks
+    llm.generate("b", greedy(speculative="draft"))
+    assert len(drafter.shadows) <= 1  # finished sequences' shadows are released
+
+
+def test_draft_model_with_another_vocabulary_is_refused(tiny_llama_gguf, monkeypatch):
+    import dataclasses
+
+    from thrifty.engine import engine as engine_module
+
+    llm = make_llm(tiny_llama_gguf)
+    real_open = engine_module.open_model_source
+
+    def other_vocabulary(path):
+        source = real_open(path)
+        source.config = dataclasses.replace(source.config, vocab_size=source.config.vocab_size + 1)
+        return source
+
+    monkeypatch.setattr(engine_module, "open_model_source", other_vocabulary)
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        llm.generate("a", greedy(speculative="draft"))
+    assert not llm.engine.has_unfinished_requests()
