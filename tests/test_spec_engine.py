@@ -96,3 +96,19 @@ def test_logprobs_with_speculation_match_plain(tiny_llama_gguf):
     for a, b in zip(spec.logprobs, plain.logprobs):
         assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_speculation_composes_with_kv_eviction(tiny_llama_gguf, proposer):
+    """A budget above the sequence length evicts nothing, so output must equal plain decoding; a tight
+    budget really evicts while drafts roll back, and every block still comes back."""
+    long_prompts = [p * 3 for p in PROMPTS]
+    reference = [o.outputs[0].token_ids for o in make_llm(tiny_llama_gguf).generate(long_prompts, greedy())]
+    llm = make_llm(tiny_llama_gguf, speculative_adaptive=False)
+    roomy = greedy(speculative=proposer, kv_policy="streaming_llm", kv_budget=4096)
+    assert [o.outputs[0].token_ids for o in llm.generate(long_prompts, roomy)] == reference
+    tight = greedy(speculative=proposer, kv_policy="streaming_llm", kv_budget=16)
+    outputs = llm.generate(long_prompts, tight)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [24] * len(long_prompts)
+    assert llm.engine.stats()[f"spec_{proposer}_drafts"] > 0
+    assert llm.engine.block_manager.num_used_blocks == 0

@@ -26,11 +26,14 @@ def test_greedy_speculation_matches_plain_decoding(model_name):
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     plain = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, SamplingParams(
         temperature=0, max_tokens=48, ignore_eos=True, speculative="off"))]
-    for proposer in ("ngram", "history"):
+    for proposer in ("ngram", "history", "draft", "layerskip"):
         mixed = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True,
                                 speculative=proposer if i % 3 else "off") for i in range(len(PROMPTS))]
         for batch_params in (params, mixed):
             llm.engine.speculator.default_method = proposer
             ours = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, batch_params)]
             assert ours == plain, proposer
-        assert llm.engine.stats()[f"spec_{proposer}_accepted_tokens"] > 0
+        stats = llm.engine.stats()
+        assert stats[f"spec_{proposer}_drafts"] > 0
+        if proposer != "layerskip":  # half the layers of these small models rarely guess right; see BENCHMARKS.md
+            assert stats[f"spec_{proposer}_accepted_tokens"] > 0

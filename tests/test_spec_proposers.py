@@ -61,3 +61,25 @@ def test_adaptive_length_falls_back_when_drafts_are_rejected():
     for _ in range(10):
         control.update(seq, 5, 5)
     assert control.draft_length(seq, 5, 1, 1) == 5
+
+
+def test_adaptive_sequences_start_from_and_relax_towards_their_proposers_record():
+    cost = StepCostModel()
+    for tokens in (1, 4, 8) * 5:
+        cost.record(tokens, 1.0 + 0.1 * tokens)
+    control = AdaptiveDraftLength(cost)
+    assert control.acceptance(seq_of([1]), "ngram") == control.prior  # nothing known yet
+    for _ in range(40):
+        control.update(seq_of([1, 2]), 0, 4, "ngram")
+    poor = control.proposer_acceptance("ngram")
+    assert poor < 0.1
+    newcomer = seq_of([5, 6])
+    assert control.draft_length(newcomer, 5, 1, 1, proposer="ngram") == 0  # no optimistic first draft
+    assert abs(control.acceptance(newcomer, "ngram") - poor) < 1e-9
+    assert control.acceptance(seq_of([7]), "history") == control.prior  # other proposers keep their own record
+    hopeful = seq_of([8])
+    for _ in range(10):
+        control.update(hopeful, 4, 4, "history")
+    for _ in range(200):
+        control.idle(hopeful, "history")
+    assert control.acceptance(hopeful, "history") > 0.6  # drifts towards history's (good) record

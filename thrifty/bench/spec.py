@@ -100,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from thrifty.cli import add_engine_options
 
     add_engine_options(parser)
-    parser.add_argument("--proposers", default="ngram,history", help="comma-separated (default ngram,history)")
+    parser.add_argument("--proposers", default="ngram,history,draft,layerskip",
+                        help="comma-separated (default ngram,history,draft,layerskip)")
     parser.add_argument("--workloads", default="edit,code,chat")
     parser.add_argument("--num-prompts", type=int, default=4, help="prompts per workload (default 4)")
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -178,6 +179,13 @@ def run(args: argparse.Namespace) -> None:
         print(f"| {r['workload']} | {r['proposer']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | "
               f"{r['speedup']:.2f}x | {r['acceptance_rate']:.2f} | {r['accepted_per_draft']:.2f} | "
               f"{'yes' if r['identical'] else 'NO'} |")
+    print()
+    for name in workloads:
+        rows = [r for r in results if r["workload"] == name]
+        best = max(rows, key=lambda r: r["speedup"])
+        worst = min(rows, key=lambda r: r["speedup"])
+        print(f"{name}: best {best['proposer']} {best['speedup']:.2f}x, lowest {worst['proposer']} "
+              f"{worst['speedup']:.2f}x (adaptive {'off' if args.no_speculative_adaptive else 'on'})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.now(timezone.utc).isoformat(), "argv": sys.argv, "model": args.model,

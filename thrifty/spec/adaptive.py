@@ -7,8 +7,10 @@ whole step slower for all B decoding sequences, and drafting itself costs c per 
 token (a draft model's forward pass; zero for lookups) plus a fixed d of host work
 (proposing, verifying, rolling back); batch throughput rises exactly when
 E(k) - 1 > (B*b*k + c*k + d) / (a + b*T). The controller picks the k with the largest margin, and
-k = 0 (plain decoding) when no k pays: that is the fallback. Acceptance of a sequence
-that stopped drafting drifts back towards the prior, so it gets probed again later.
+k = 0 (plain decoding) when no k pays: that is the fallback. Each proposer also keeps a
+slower running acceptance over all its sequences: a new sequence starts from it, and a
+sequence that stopped drafting drifts back towards it (not towards an optimistic fixed
+prior), so probing again is only as frequent as the proposer's record warrants.
 """
 
 from __future__ import annotations
@@ -64,27 +66,34 @@ class _SeqState:
 
 class AdaptiveDraftLength:
     def __init__(self, cost: StepCostModel, prior_acceptance: float = 0.6, memory: float = 0.8,
-                 relax: float = 0.05) -> None:
+                 relax: float = 0.05, proposer_memory: float = 0.97) -> None:
         self.cost = cost
         self.prior = prior_acceptance
-        self.memory = memory  # weight of the past in the acceptance estimate
-        self.relax = relax  # per idle step, how far acceptance returns towards the prior
+        self.memory = memory  # weight of the past in a sequence's acceptance estimate
+        self.relax = relax  # per idle step, how far acceptance returns towards the proposer's
+        self.proposer_memory = proposer_memory
         self._states: weakref.WeakKeyDictionary[Sequence, _SeqState] = weakref.WeakKeyDictionary()
+        self._proposers: dict[str, _SeqState] = {}
 
-    def _state(self, seq: Sequence) -> _SeqState:
+    def proposer_acceptance(self, proposer: str) -> float:
+        s = self._proposers.get(proposer)
+        return self.prior if s is None else s.accepted / (s.accepted + s.rejected)
+
+    def _state(self, seq: Sequence, proposer: str) -> _SeqState:
         state = self._states.get(seq)
         if state is None:
-            state = self._states[seq] = _SeqState(self.prior * 2, (1 - self.prior) * 2)
+            start = self.proposer_acceptance(proposer)
+            state = self._states[seq] = _SeqState(start * 2, (1 - start) * 2)
         return state
 
-    def acceptance(self, seq: Sequence) -> float:
-        s = self._state(seq)
+    def acceptance(self, seq: Sequence, proposer: str = "") -> float:
+        s = self._state(seq, proposer)
         return s.accepted / (s.accepted + s.rejected)
 
     def draft_length(self, seq: Sequence, max_tokens: int, num_decoding: int, batch_tokens: int,
-                     seconds_per_token: float = 0.0, seconds_per_draft: float = 0.0) -> int:
+                     seconds_per_token: float = 0.0, seconds_per_draft: float = 0.0, proposer: str = "") -> int:
         """Best k in [0, max_tokens] for this sequence in a batch of `num_decoding` sequences."""
-        alpha = min(self.acceptance(seq), 0.99)
+        alpha = min(self.acceptance(seq, proposer), 0.99)
         a, b = self.cost.coefficients()
         step = a + b * max(batch_tokens, 1)
         best_k, best_margin = 0, 0.0
@@ -96,16 +105,20 @@ class AdaptiveDraftLength:
                 best_k, best_margin = k, margin
         return best_k
 
-    def idle(self, seq: Sequence) -> None:
-        """The sequence decoded without a draft this step: let its estimate drift back to the prior."""
-        s = self._state(seq)
+    def idle(self, seq: Sequence, proposer: str = "") -> None:
+        """The sequence decoded without a draft this step: its estimate drifts towards the proposer's."""
+        s = self._state(seq, proposer)
         total = s.accepted + s.rejected
         alpha = s.accepted / total
-        alpha += self.relax * (self.prior - alpha)
+        alpha += self.relax * (self.proposer_acceptance(proposer) - alpha)
         s.accepted, s.rejected = alpha * total, (1 - alpha) * total
 
-    def update(self, seq: Sequence, num_accepted: int, depth: int) -> None:
+    def update(self, seq: Sequence, num_accepted: int, depth: int, proposer: str = "") -> None:
         """A draft of `depth` levels had its first `num_accepted` accepted (geometric likelihood)."""
-        s = self._state(seq)
+        missed = 1 if num_accepted < depth else 0
+        s = self._state(seq, proposer)
         s.accepted = s.accepted * self.memory + num_accepted
-        s.rejected = s.rejected * self.memory + (1 if num_accepted < depth else 0)
+        s.rejected = s.rejected * self.memory + missed
+        g = self._proposers.setdefault(proposer, _SeqState(self.prior * 2, (1 - self.prior) * 2))
+        g.accepted = g.accepted * self.proposer_memory + num_accepted
+        g.rejected = g.rejected * self.proposer_memory + missed

@@ -90,10 +90,10 @@ class Speculator:
                 limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
             if self.adaptive is not None and limit > 0:
                 limit = self.adaptive.draft_length(seq, limit, len(decoding), len(decoding),
-                                                   *self._draft_costs(method))
+                                                   *self._draft_costs(method), proposer=method)
             if limit <= 0:
                 if self.adaptive is not None:
-                    self.adaptive.idle(seq)
+                    self.adaptive.idle(seq, method)
                 continue
             groups[method][0].append(seq)
             groups[method][1].append(limit)
@@ -111,7 +111,7 @@ class Speculator:
             for seq, draft in zip(seqs, drafts):
                 if draft is None:
                     if self.adaptive is not None:
-                        self.adaptive.idle(seq)
+                        self.adaptive.idle(seq, method)
                     continue
                 if (not draft.is_chain and self.sliding_window is not None
                         and seq.num_tokens + len(draft) > self.sliding_window):
@@ -174,7 +174,7 @@ class Speculator:
         counts["draft_tokens"] += len(draft)
         counts["accepted_tokens"] += len(item.accepted_path)
         if self.adaptive is not None:
-            self.adaptive.update(seq, len(item.accepted_path), max(draft.depths))
+            self.adaptive.update(seq, len(item.accepted_path), max(draft.depths), draft.proposer)
 
     def blocks_slots(self, seq: Sequence, positions: list[int]) -> list[int]:
         bs = self.blocks.block_size
