@@ -7,6 +7,7 @@ vLLM's server does, so that clients sending newer OpenAI fields keep working.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Literal
 
@@ -21,6 +22,57 @@ MAX_N = 128  # as OpenAI
 MIN_TEMPERATURE = 1e-5
 MAX_PROMPTS = 256  # prompts in one /v1/completions batch
 INT64 = 2**63
+
+
+# Each policy option's type and the values a client may set. A bad value would otherwise reach the
+# engine step, where it fails every request in the batch, so the server checks them before admission.
+KV_POLICY_OPTION_RANGES: dict[str, tuple[type, float, float, bool]] = {
+    # name: (type, low, high, low is exclusive)
+    "sinks": (int, 0, 4096, False),
+    "recent_ratio": (float, 0.0, 1.0, False),
+    "window_size": (int, 1, 4096, False),
+    "kernel_size": (int, 1, 255, False),
+    "tau": (float, 0.0, 1e6, True),
+    "seed": (int, -INT64, INT64 - 1, False),
+    "pooling": (str, 0, 0, False),
+}
+
+
+def check_kv_policy_options(policy: str | None, options: object) -> None:
+    """Refuse (400) kv_policy_options that are not a JSON object of known options with valid values."""
+    from thrifty.kv.policies import POLICIES, make_policy, policy_options
+
+    if not isinstance(options, dict):
+        raise InvalidRequestError("kv_policy_options must be a JSON object such as {\"window_size\": 16}")
+    if not options:
+        return
+    if policy is None or policy == "none" or policy not in POLICIES:
+        # the server's default policy takes no per-request options; an unknown name gets its own message
+        if policy is None or policy == "none":
+            raise InvalidRequestError("kv_policy_options need a kv_policy in the same request; "
+                                      f"name one of {', '.join(POLICIES)}")
+        make_policy(policy)  # raises the unknown-policy error
+    allowed = policy_options(policy)
+    for name, value in options.items():
+        if name not in allowed:
+            raise InvalidRequestError(f"kv_policy_options {name!r} does not apply to {policy}; "
+                                      f"its options: {', '.join(allowed) or 'none'}")
+        kind, low, high, exclusive = KV_POLICY_OPTION_RANGES.get(name, (None, 0, 0, False))
+        if kind is None:  # an option added to a policy without a range here: refuse rather than guess
+            raise InvalidRequestError(f"kv_policy_options {name!r} cannot be set per request on this server")
+        if kind is str:
+            if not isinstance(value, str):
+                raise InvalidRequestError(f"kv_policy_options {name!r} must be a string, got {value!r:.40}")
+            continue
+        number_ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not number_ok:
+            raise InvalidRequestError(f"kv_policy_options {name!r} must be {'an integer' if kind is int else 'a number'}"
+                                      f", got {value!r:.40}")
+        if (isinstance(value, float) and math.isnan(value)) or (value <= low if exclusive else value < low) or value > high:
+            opening, spec = "(" if exclusive else "[", "d" if kind is int else "g"
+            raise InvalidRequestError(f"kv_policy_options {name!r} must be in {opening}{low:{spec}}, {high:{spec}}], "
+                                      f"got {value!r:.40}")
+    make_policy(policy, options)  # the policy's own checks (e.g. snapkv pooling, odd kernel_size)
 
 
 class _Request(BaseModel):
@@ -60,18 +112,15 @@ class SamplingFields(_Request):
     kv_policy: str | None = None  # KV eviction: a policy name, or "none" to opt out of the server's default
     kv_budget: int | float | None = None  # KV slots kept: tokens (int) or a fraction of the prompt (float)
     kv_policy_options: dict[str, Any] | None = None
-    speculative: str | None = None  # "ngram", "history" or "off"; unset: the server's default
+    speculative: str | None = None  # "ngram", "history", "draft", "layerskip" or "off"; unset: the server's default
     num_speculative_tokens: int | None = None
 
     def check_supported(self, vocab_size: int) -> None:
         """Refuse, with a reason, what the OpenAI API has but this server cannot do."""
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported by this server; remove it")
-        if self.kv_policy_options:
-            # The policies do not check their option values yet, and a bad one fails the engine step
-            # of every request in the batch, so clients cannot set them until the policies do.
-            raise InvalidRequestError("kv_policy_options cannot be set per request on this server yet; "
-                                      "use kv_policy and kv_budget")
+        if self.kv_policy_options is not None:
+            check_kv_policy_options(self.kv_policy, self.kv_policy_options)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true")
         bad_ids = [t for t in self.stop_token_ids or [] if not 0 <= t < vocab_size]
@@ -92,7 +141,8 @@ class SamplingFields(_Request):
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, priority=self.priority,
-            kv_policy=self.kv_policy, kv_budget=self.kv_budget, speculative=self.speculative,
+            kv_policy=self.kv_policy, kv_budget=self.kv_budget,
+            kv_policy_options=dict(self.kv_policy_options or {}), speculative=self.speculative,
             num_speculative_tokens=self.num_speculative_tokens)
 
     @property
