@@ -31,11 +31,15 @@ POLICIES = ["streaming_llm", "h2o", "snapkv", "tova", "knorm", "keyformer"]
 # kvpress's presses of the same methods (ObservedAttentionPress is its H2O-style accumulated attention).
 KVPRESS = {"streaming_llm": "StreamingLLMPress", "h2o": "ObservedAttentionPress", "snapkv": "SnapKVPress",
            "tova": "TOVAPress", "knorm": "KnormPress"}
-# The passkey task of Mohtashami & Jaggi (2023), with essays instead of repeated filler, as raw text.
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.\n\n")
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+# The passkey task of Mohtashami & Jaggi (2023), with essays instead of repeated filler, in the model's chat
+# template: the instruction opens the user turn, the needle stands as its own paragraph at the depth, the
+# question closes the turn and the answer is primed with "The pass key is". SmolLM2-135M-Instruct finds the
+# key at 1k and 3k tokens at every depth tried this way; as raw text, or with the needle inside a sentence,
+# it mostly answers with a definition of "pass key" instead.
+INSTRUCTION = "Read the text below and tell me the pass key hidden in it.\n\n"
+NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
+QUESTION = "\n\nWhat is the pass key?"
+ANSWER_PREFIX = "The pass key is"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +50,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="needle depth in [0, 1]")
     p.add_argument("--budgets", type=float, nargs="+", default=[1 / 2, 1 / 4, 1 / 8, 1 / 16],
                    help="budgets as fractions of the prompt")
+    p.add_argument("--keys", type=int, default=1, help="pass keys (prompts) per length and depth")
     p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES)
+    p.add_argument("--no-passkey", action="store_true", help="skip the passkey part")
+    p.add_argument("--kvpress-only", action="store_true", help="only kvpress's passkey runs (e.g. in a second "
+                                                               "process next to a thrifty-only run)")
+    p.add_argument("--replot", action="store_true", help="only redo the tables and the plot from the JSON files "
+                                                         "(kv.json, kv_kvpress.json) a run left in --out")
+    p.add_argument("--perplexity", action="store_true",
+                   help="also perplexity on the essays with decode-time compression (thrifty.bench.kv_perplexity)")
+    p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of essay text scored for perplexity")
+    p.add_argument("--ppl-prompt-tokens", type=int, default=64, help="of which the prompt (the rest is decoded)")
+    p.add_argument("--ppl-budgets", type=int, nargs="+", default=[256, 512], help="budgets in tokens")
     p.add_argument("--pool-tokens", type=int, default=32768, help="KV pool of the memory part")
     p.add_argument("--no-kvpress", action="store_true", help="skip the kvpress comparison")
     p.add_argument("--no-memory", action="store_true", help="skip the memory part")
@@ -55,21 +70,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+
     if args.quick:
         args.lengths, args.depths, args.budgets = [512, 1024], [0.5], [1 / 2, 1 / 8]
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        return replot(args, out)
     print(f"# thrifty bench kv — {datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}\n`{' '.join(sys.argv)}`\n")
-    if not args.no_memory:
+    if not args.no_memory and not args.kvpress_only:
         memory_table(args)
-    results = {"thrifty": passkey_thrifty(args)}
+    record: dict = {"command": " ".join(sys.argv), "lengths": args.lengths, "depths": args.depths,
+                    "budgets": args.budgets, "keys": args.keys}
+    if args.perplexity and not args.kvpress_only:
+        from thrifty.bench.kv_perplexity import perplexity_table
+
+        record["perplexity"] = perplexity_table(args)
+        _save(out, record)
+    if args.no_passkey:
+        return
+    results: dict[str, dict[tuple[str, float], float]] = {}
+    if not args.kvpress_only:
+        results["thrifty"] = passkey_thrifty(args, record)
+        _save(out, record)
     if not args.no_kvpress:
-        results["kvpress"] = passkey_kvpress(args)
+        results["kvpress"] = passkey_kvpress(args, record)
+        _save(out, record)
     accuracy_table(results, args)
-    plot(results, args, out / "kv_passkey.png")
+    if "thrifty" in results:
+        plot(results, args, out / "kv_passkey.png")
+
+
+def _save(out: Path, record: dict) -> None:
+    import json
+
+    name = "kv_kvpress.json" if "kvpress" in record and "thrifty" not in record else "kv.json"
+    (out / name).write_text(json.dumps(record, indent=1))
 
 
 # -- memory -------------------------------------------------------------------------------
@@ -127,39 +166,46 @@ def essays() -> str:
     return "\n\n".join(p.read_text() for p in sorted(folder.glob("*.txt")))
 
 
-def passkey_prompts(tokenizer, lengths: list[int], depths: list[float], seed: int = 0) -> list[dict]:
-    """Prompts with the needle at each depth of a haystack of each length (in tokens)."""
+def passkey_prompts(tokenizer, lengths: list[int], depths: list[float], keys: int = 1, seed: int = 0) -> list[dict]:
+    """Chat prompts with the needle at each depth of a haystack of each length (in tokens of essay text)."""
     rng = random.Random(seed)
     hay = tokenizer.encode(essays(), add_special_tokens=False)
     cases = []
     for length in lengths:
         for depth in depths:
-            key = str(rng.randint(10000, 99999))
-            needle = tokenizer.encode(" " + NEEDLE.format(key=key) + " ", add_special_tokens=False)
-            body = hay[:length - len(needle)]
-            at = int(len(body) * depth)
-            text = tokenizer.decode(body[:at] + needle + body[at:])
-            ids = tokenizer.encode(INTRO + text + QUESTION)
-            cases.append({"length": length, "depth": depth, "key": key, "ids": ids})
+            for _ in range(keys):
+                key = str(rng.randint(10000, 99999))
+                needle = tokenizer.encode(NEEDLE.format(key=key), add_special_tokens=False)
+                body = hay[:length - len(needle)]
+                at = int(len(body) * depth)
+                text = tokenizer.decode(body[:at] + needle + body[at:])
+                chat = tokenizer.apply_chat_template([{"role": "user", "content": INSTRUCTION + text + QUESTION}],
+                                                     add_generation_prompt=True)
+                ids = tokenizer.encode(chat + ANSWER_PREFIX, add_special_tokens=False)
+                cases.append({"length": length, "depth": depth, "key": key, "ids": ids})
     return cases
 
 
-def passkey_thrifty(args: argparse.Namespace) -> dict[tuple[str, float], float]:
+def passkey_thrifty(args: argparse.Namespace, record: dict) -> dict[tuple[str, float], float]:
     from thrifty.api import LLM
     from thrifty.engine.sampling_params import SamplingParams
 
     llm = LLM(args.model, kv_cache_tokens=max(args.lengths) * 2 + 1024, enable_prefix_caching=False,
               num_threads=args.threads)
-    cases = passkey_prompts(llm.tokenizer, args.lengths, args.depths)
+    cases = passkey_prompts(llm.tokenizer, args.lengths, args.depths, args.keys)
     runs = [("full", 1.0)] + [(p, b) for p in args.policies for b in args.budgets]
     acc: dict[tuple[str, float], float] = {}
+    rows = record.setdefault("thrifty", [])
     print("## Passkey retrieval, thrifty\n")
     for policy, budget in runs:
         started, hits = time.time(), 0
         for case in cases:
             kv = {} if policy == "full" else {"kv_policy": policy, "kv_budget": budget}
-            text = llm.generate(case["ids"], SamplingParams(temperature=0, max_tokens=10, **kv))[0].outputs[0].text
-            hits += case["key"] in text
+            text = llm.generate(case["ids"], SamplingParams(temperature=0, max_tokens=8, **kv))[0].outputs[0].text
+            hit = case["key"] in text
+            hits += hit
+            rows.append({"policy": policy, "budget": budget, "length": case["length"], "depth": case["depth"],
+                         "key": case["key"], "prompt_tokens": len(case["ids"]), "answer": text, "hit": hit})
         acc[(policy, budget)] = hits / len(cases)
         print(f"- {policy} @ {budget:.3g}: {hits}/{len(cases)} ({time.time() - started:.0f} s)", flush=True)
     return acc
@@ -173,7 +219,7 @@ def _import_kvpress():
     return kvpress
 
 
-def passkey_kvpress(args: argparse.Namespace) -> dict[tuple[str, float], float]:
+def passkey_kvpress(args: argparse.Namespace, record: dict) -> dict[tuple[str, float], float]:
     import transformers
 
     from thrifty.loading.tokenizer import Tokenizer
@@ -187,16 +233,20 @@ def passkey_kvpress(args: argparse.Namespace) -> dict[tuple[str, float], float]:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager")
     tokenizer = Tokenizer.from_gguf(path)
-    cases = passkey_prompts(tokenizer, args.lengths, args.depths)
+    cases = passkey_prompts(tokenizer, args.lengths, args.depths, args.keys)
     acc: dict[tuple[str, float], float] = {}
+    rows = record.setdefault("kvpress", [])
     print("\n## Passkey retrieval, kvpress (transformers, same GGUF)\n")
     for policy in [p for p in args.policies if p in KVPRESS]:
         for budget in args.budgets:
             press = getattr(kvpress, KVPRESS[policy])(compression_ratio=1 - budget)
             started, hits = time.time(), 0
             for case in cases:
-                text = tokenizer.decode(_kvpress_generate(model, press, case["ids"], 10))
-                hits += case["key"] in text
+                text = tokenizer.decode(_kvpress_generate(model, press, case["ids"], 8))
+                hit = case["key"] in text
+                hits += hit
+                rows.append({"policy": policy, "press": KVPRESS[policy], "budget": budget, "length": case["length"],
+                             "depth": case["depth"], "key": case["key"], "answer": text, "hit": hit})
             acc[(policy, budget)] = hits / len(cases)
             print(f"- {KVPRESS[policy]} @ {budget:.3g}: {hits}/{len(cases)} ({time.time() - started:.0f} s)",
                   flush=True)
@@ -205,18 +255,61 @@ def passkey_kvpress(args: argparse.Namespace) -> dict[tuple[str, float], float]:
 
 @torch.inference_mode()
 def _kvpress_generate(model, press, ids: list[int], max_tokens: int) -> list[int]:
-    """Prefill all but the last prompt token under the press (it compresses), then greedy decode."""
+    """Prefill all but the last prompt token under the press (it compresses), then greedy decode.
+
+    Positions are passed explicitly, as kvpress's own pipeline does: after compression the cache holds
+    fewer tokens than the text, and transformers would otherwise derive RoPE positions from its length.
+    """
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    with press(model):
-        model(torch.tensor([ids[:-1]]), past_key_values=cache)
+    hooks = _add_cache_position(model)
+    try:
+        with press(model):
+            model(torch.tensor([ids[:-1]]), past_key_values=cache, position_ids=torch.arange(len(ids) - 1)[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
     token, out = ids[-1], []
-    for _ in range(max_tokens):
-        logits = model(torch.tensor([[token]]), past_key_values=cache).logits
+    for step in range(max_tokens):
+        logits = model(torch.tensor([[token]]), past_key_values=cache,
+                       position_ids=torch.tensor([[len(ids) - 1 + step]])).logits
         token = int(logits[0, -1].argmax())
         out.append(token)
     return out
+
+
+def _add_cache_position(model) -> list:
+    """kvpress 0.5's hooks read `cache_position` from the attention layer's kwargs, which transformers 5
+    no longer passes there; hand it the positions (the prefill starts at 0, so they are the same)."""
+
+    def pre_hook(module, args, kwargs):
+        if kwargs.get("cache_position") is None and kwargs.get("position_ids") is not None:
+            kwargs["cache_position"] = kwargs["position_ids"][0]
+        return args, kwargs
+
+    return [layer.self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in model.model.layers]
+
+
+def replot(args: argparse.Namespace, out: Path) -> None:
+    """Tables and plot from the per-prompt rows of earlier runs (thrifty and kvpress may run in two processes)."""
+    import json
+
+    results: dict[str, dict[tuple[str, float], float]] = {}
+    for name in ("kv.json", "kv_kvpress.json"):
+        if not (out / name).exists():
+            continue
+        record = json.loads((out / name).read_text())
+        for engine in ("thrifty", "kvpress"):
+            tally: dict[tuple[str, float], list[bool]] = {}
+            for row in record.get(engine, []):
+                tally.setdefault((row["policy"], row["budget"]), []).append(row["hit"])
+            if tally:
+                results[engine] = {k: sum(v) / len(v) for k, v in tally.items()}
+                args.lengths, args.depths, args.budgets = record["lengths"], record["depths"], record["budgets"]
+    accuracy_table(results, args)
+    if "thrifty" in results:
+        plot(results, args, out / "kv_passkey.png")
 
 
 # -- report -------------------------------------------------------------------------------
@@ -226,8 +319,9 @@ def accuracy_table(results: dict[str, dict[tuple[str, float], float]], args: arg
     budgets = sorted(args.budgets, reverse=True)
     print("| engine | policy | " + " | ".join(f"1/{round(1 / b)}" for b in budgets) + " |")
     print("|---|---|" + "---|" * len(budgets))
-    full = results["thrifty"].get(("full", 1.0))
-    print(f"| thrifty | full cache | {full:.2f} |" + " |" * (len(budgets) - 1))
+    full = results.get("thrifty", {}).get(("full", 1.0))
+    if full is not None:
+        print(f"| thrifty | full cache | {full:.2f} |" + " |" * (len(budgets) - 1))
     for engine, acc in results.items():
         for policy in args.policies:
             if (policy, budgets[0]) in acc:
