@@ -229,6 +229,21 @@ class KVCompressor:
             keep.append(keep_indices(state.policy.score(inputs), budget, window, pinned))
         return keep
 
+    def _first_changed(self, seq: Sequence, old_table: list[int], keep: list[torch.Tensor], pinned: int) -> int:
+        """Offset (from `pinned`, rounded down to a block) of the first kept slot that does not stay in place."""
+        bs, budget = self.blocks.block_size, keep[0].shape[1]
+        first = budget
+        in_place = torch.arange(budget, device=self.device)
+        for idx in keep:
+            moved = (idx != in_place).any(dim=0).nonzero()
+            if len(moved):
+                first = min(first, int(moved[0]))
+        for i in range(pinned // bs, len(seq.block_table)):
+            if seq.block_table[i] != old_table[i]:
+                first = min(first, i * bs)
+                break
+        return max(0, (first // bs) * bs - pinned)
+
     def compress(self, seq: Sequence, state: _SeqState) -> None:
         """Evict down to the budget, moving each head's kept slots to the front; frees the tail blocks.
 
@@ -257,15 +272,20 @@ class KVCompressor:
                 k, v = store.gather(slots)
                 kept.append((k[idx[:, pinned:], heads], v[idx[:, pinned:], heads]))
         positions = [self._positions(seq, state, layer) for layer in range(self.num_layers)]
+        table = list(seq.block_table)
         if not self.blocks.compact(seq, budget, keep_blocks=pinned_blocks):
             raise RuntimeError("KV compaction found no blocks although can_compact said it would")
         dst = self._slot_ids(seq)[None, pinned:]
+        # A quantized cache rewrites only from the first block whose content changes (a moved slot in
+        # any layer and head, or a fresh copy-on-write block), so kept blocks are not quantized again.
+        start = 0 if isinstance(self.kv_cache.stores[0], DenseKV) else self._first_changed(seq, table, keep, pinned)
+        dst_q = dst[0, start:]  # one tensor for every layer: the quantized stores plan a write once
         for layer, (store, (k, v), idx) in enumerate(zip(self.kv_cache.stores, kept, keep)):
             if isinstance(store, DenseKV):
                 store.k[dst, heads] = k
                 store.v[dst, heads] = v
-            else:  # one write of [slots, kv_heads, head_dim] (the same dst tensor for every layer)
-                store.write(dst[0], k.transpose(0, 1), v.transpose(0, 1))
+            elif len(dst_q):
+                store.write(dst_q, k[:, start:].transpose(0, 1), v[:, start:].transpose(0, 1))
             state.positions[layer] = positions[layer].gather(1, idx)
             stat = state.stats[layer]
             if stat is not None:

@@ -15,10 +15,13 @@ FP16_MAX = 65504.0
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (int8 codes [..., D], float16 scale [...]); |x - q * scale| <= scale / 2."""
+    """x [..., D] -> (int8 codes [..., D], float16 scale [...]).
+
+    |x - q * scale| <= scale / 2 + max|x| * 2^-11 (the float16 rounding of the scale). Idempotent:
+    quantizing dequantized values gives the same codes and scale, so moving tokens costs nothing.
+    """
     x = x.float()
-    scale = (x.abs().amax(dim=-1) / 127.0).clamp(FP16_MIN_SCALE, FP16_MAX)
-    scale = (scale * (1 + 2.0 ** -10)).to(torch.float16)  # rounded up, so the largest value keeps |q| <= 127
+    scale = (x.abs().amax(dim=-1) / 127.0).clamp(FP16_MIN_SCALE, FP16_MAX).to(torch.float16)
     q = torch.round(x / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 

@@ -40,14 +40,13 @@ def quantize_asym4(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tenso
     """Asymmetric 4-bit quantization with min/max taken along `dim` (kept as size 1).
 
     Returns (codes uint8 in [0, 15], scale float16, zero float16); x ~= codes * scale + zero with
-    |error| <= scale / 2 + |zero| * 2^-11 (zero is the minimum rounded to float16, the scale is
-    rounded up so that the maximum stays in range).
+    |error| <= scale / 2 + (|zero| + max - min) * 2^-11 (zero and scale rounded to float16).
+    Idempotent within a group: quantizing dequantized values gives the same codes and parameters.
     """
     x = x.float()
     lo, hi = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
     zero = lo.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
-    scale = ((hi - zero.float()) / LEVELS).clamp(FP16_MIN_SCALE, FP16_MAX)
-    scale = (scale * (1 + 2.0 ** -10)).to(torch.float16)
+    scale = ((hi - zero.float()) / LEVELS).clamp(FP16_MIN_SCALE, FP16_MAX).to(torch.float16)
     codes = torch.round((x - zero.float()) / scale.float()).clamp(0, LEVELS).to(torch.uint8)
     return codes, scale, zero
 
