@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.fixtures.tiny_models import make_tiny_llm
 from thrifty.config import ModelConfig
 from thrifty.engine.engine import EngineConfig
 from thrifty.engine.sampling_params import SamplingParams
@@ -15,7 +16,6 @@ from thrifty.kv.quant import Int8KV, KiviKV, ResidualBlocks
 from thrifty.kv.quant.int8 import dequantize_int8, quantize_int8
 from thrifty.kv.quant.kivi import pack4, quantize_asym4, unpack4
 from thrifty.models.paged_attention import AttentionMetadata, SequenceSlice
-from tests.fixtures.tiny_models import make_tiny_llm
 
 QUANT = ["int8", "kivi4"]
 PROMPTS = ["the cat sat on the mat", "hello world, this is a longer prompt that needs more than one block",
@@ -111,7 +111,8 @@ def test_kivi_groups_keys_per_channel_over_a_block_and_values_per_token():
     k_err, v_err = (gk - k).abs(), (gv - v).abs()
     codes, scale, zero = quantize_asym4(k, dim=-1)
     per_token_err = (codes.float() * scale.float() + zero.float() - k).abs()
-    assert float(k_err[:, 0].max()) < 0.2 < 1.0 < float(per_token_err[:, 0].max())
+    assert float(k_err[:, 0].max()) < 0.2
+    assert float(per_token_err[:, 0].max()) > 1.0
     assert float(v_err[2, 1].max()) > 4 * float(v_err[[0, 1, 3], 1].max())
 
 

@@ -9,7 +9,14 @@ import torch
 
 from thrifty.config import ModelConfig
 from thrifty.errors import InvalidRequestError
-from thrifty.kv.quant import KV_CACHE_DTYPES, DenseKV, Int8KV, KiviKV, LayerKV, ResidualBlocks
+from thrifty.kv.quant import (
+    KV_CACHE_DTYPES,
+    DenseKV,
+    Int8KV,
+    KiviKV,
+    LayerKV,
+    ResidualBlocks,
+)
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -35,8 +35,8 @@ from thrifty.engine.sequence import Sequence
 from thrifty.errors import InvalidRequestError
 from thrifty.kv.blocks import BlockManager
 from thrifty.kv.cache import KVCache
-from thrifty.kv.quant import DenseKV
 from thrifty.kv.policies import KVPolicy, ScoreInputs, make_policy
+from thrifty.kv.quant import DenseKV
 from thrifty.models.paged_attention import AttentionObserver
 
 

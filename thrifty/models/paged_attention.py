@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from thrifty.kv.quant.base import LayerKV
 
-
 # Called with (layer index, attention probabilities [num_heads, query_len, context_len]) for a
 # sequence whose KV policy scores tokens by attention; only then are probabilities materialised.
 AttentionObserver = Callable[[int, torch.Tensor], None]

@@ -116,7 +116,7 @@ class ResidualBlocks:
                 part_rows.append(i)
                 part_res.append(r * bs + o)
         dev = slots.device
-        t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)
         self._plan = _WritePlan(t(full), t(full_rows).view(-1, bs), t(unseal), t(unseal_rids), t(part_rows),
                                 t(part_res))
         self._plan_key = slots
