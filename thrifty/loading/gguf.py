@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,12 +74,19 @@ class _Reader(gguf.GGUFReader):
     """GGUFReader over a plain ndarray view of the memory map instead of the np.memmap itself.
 
     The parser slices the map once per metadata item (a million times for Gemma's 262k-token
-    vocabulary), and np.memmap's per-slice bookkeeping makes that 3-5x slower.
+    vocabulary), and np.memmap's per-slice bookkeeping makes that 3-5x slower. Long metadata
+    arrays (the tokenizer's vocabulary and merges) are parsed only when read (`_LazyArrayField`):
+    the model loader never reads them (the tokenizer has its own reader), and parsed they hold
+    several small ndarrays per entry, about 50 MB for a 49k-token vocabulary.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         super().__init__(path)
+        base = self._data.base
+        while base is not None and not isinstance(base, mmap.mmap):
+            base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+        self._map = base
 
     @property
     def data(self) -> np.ndarray:
@@ -87,6 +95,98 @@ class _Reader(gguf.GGUFReader):
     @data.setter
     def data(self, value: np.ndarray) -> None:
         self._data = value.view(np.ndarray)  # still backed by the map: nothing is copied
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        if self.byte_order != "I":
+            return super()._build_fields(offs, count)
+        for _ in range(count):
+            orig_offs = offs
+            kv_klen, kv_kdata = self._get_str(offs)
+            offs += int(kv_klen.nbytes + kv_kdata.nbytes)
+            raw_kv_type = self._get(offs, np.uint32)
+            offs += int(raw_kv_type.nbytes)
+            key_parts = [kv_klen, kv_kdata, raw_kv_type]
+            name = str(bytes(kv_kdata), encoding="utf-8")
+            lazy = self._lazy_array(orig_offs, name, key_parts, offs, int(raw_kv_type[0]))
+            if lazy is not None:
+                field, field_size = lazy
+                self._push_field(field, skip_sum=True)
+            else:
+                field_size, field_parts, field_idxs, field_types = self._get_field_parts(offs, raw_kv_type[0])
+                self._push_field(gguf.ReaderField(orig_offs, name, key_parts + field_parts,
+                                                  [idx + len(key_parts) for idx in field_idxs], field_types),
+                                 skip_sum=True)
+            offs += field_size
+        return offs
+
+    def _lazy_array(self, orig_offs: int, name: str, key_parts: list[np.ndarray], offs: int,
+                    raw_type: int) -> tuple[gguf.ReaderField, int] | None:
+        """A long array of strings or scalars as a field parsed on first use, and its size in bytes."""
+        if raw_type != gguf.GGUFValueType.ARRAY:
+            return None
+        item_type = gguf.GGUFValueType(int(self._get(offs, np.uint32)[0]))
+        length = int(self._get(offs + 4, np.uint64)[0])
+        if length < _LAZY_ARRAY_LENGTH:
+            return None
+        size = 12
+        if item_type == gguf.GGUFValueType.STRING:
+            view = memoryview(self._data)
+            for _ in range(length):
+                size += 8 + int.from_bytes(view[offs + size:offs + size + 8], "little")
+        elif (scalar := self.gguf_scalar_to_np.get(item_type)) is not None:
+            size += length * np.dtype(scalar).itemsize
+        else:
+            return None  # nested arrays: parse now, as gguf-py does
+        parser = gguf.GGUFReader.__new__(gguf.GGUFReader)  # parses from the data alone: no cycle via self
+        parser.data = self._data
+        return _LazyArrayField(parser, orig_offs, name, key_parts, offs, [gguf.GGUFValueType.ARRAY, item_type]), size
+
+    def release(self, tensor: Any) -> None:
+        """Drop the file pages of a tensor that has been read from this process's RSS.
+
+        The map is read-only and file-backed: the page cache keeps the bytes, and any later read
+        of the tensor (a view somebody kept) faults them in again, unchanged.
+        """
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = int(tensor.data_offset) // page * page
+        end = min(-(-(int(tensor.data_offset) + int(tensor.n_bytes)) // page) * page, len(self._map))
+        if end > start:
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
+
+
+# Metadata arrays at least this long are parsed lazily (see _Reader).
+_LAZY_ARRAY_LENGTH = 1024
+
+
+class _LazyArrayField(gguf.ReaderField):
+    """A ReaderField whose `parts` and `data` are parsed from the map on first access."""
+
+    def __new__(cls, parser: gguf.GGUFReader, offset: int, name: str, key_parts: list[np.ndarray],
+                value_offset: int, types: list[gguf.GGUFValueType]) -> _LazyArrayField:
+        field = super().__new__(cls, offset, name, [], [-1], types)
+        field._source = (parser, key_parts, value_offset)
+        field._parsed = None
+        return field
+
+    def _parse(self) -> tuple[list[np.ndarray], list[int]]:
+        if self._parsed is None:
+            parser, key_parts, value_offset = self._source
+            _, parts, idxs, _ = parser._get_field_parts(value_offset, gguf.GGUFValueType.ARRAY)
+            self._parsed = (key_parts + parts, [idx + len(key_parts) for idx in idxs])
+        return self._parsed
+
+    @property
+    def parts(self) -> list[np.ndarray]:  # type: ignore[override]
+        return self._parse()[0]
+
+    @property
+    def data(self) -> list[int]:  # type: ignore[override]
+        return self._parse()[1]
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
@@ -169,6 +269,9 @@ def iter_gguf_weights(reader: gguf.GGUFReader, config: ModelConfig) -> Iterator[
         if arch == "gemma3" and tensor.name.endswith("norm.weight"):
             weight = _as_float(weight) - 1.0
         yield name, weight
+        del weight
+        if isinstance(reader, _Reader):
+            reader.release(tensor)  # the consumer is done with it: its file pages need not stay in RSS
 
 
 def unpermute_index(num_rows: int, num_heads: int) -> torch.Tensor:

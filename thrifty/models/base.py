@@ -13,6 +13,7 @@ from torch import nn
 
 from thrifty.config import ModelConfig
 from thrifty.errors import ModelLoadError
+from thrifty.loading.memory import release_free_memory
 from thrifty.loading.weights import WeightTensor
 from thrifty.models.layers import Linear
 from thrifty.models.paged_attention import AttentionMetadata
@@ -80,6 +81,8 @@ class CausalLM(nn.Module):
             owner_name, _, attr = name.rpartition(".")
             self.get_submodule(owner_name).load_param(attr, weight)
             loaded.add(name)
+            del weight
+            release_free_memory()  # this tensor's float temporaries: keep them out of the peak RSS
         missing = sorted(set(params) - loaded)
         if missing or unexpected:
             problems = []

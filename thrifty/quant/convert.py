@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from thrifty.loading.memory import release_free_memory
 from thrifty.models.layers import Attention, GatedMLP, Linear
 
 
@@ -15,9 +16,20 @@ def set_weights_choice(model: torch.nn.Module, choice: str) -> None:
 
 
 def finish_loading(model: torch.nn.Module) -> None:
-    """Pack what was loaded dense (a tied lm_head) and fuse the QKV and gate/up projections."""
-    for module in list(model.modules()):
+    """Pack what was loaded dense (a tied lm_head) and fuse the QKV and gate/up projections.
+
+    Modules are looked up by name as they are reached, so the projections a fusion replaces are
+    freed at once (a list of the modules would keep every one of them alive to the end).
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, (Linear, Attention, GatedMLP))]
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # a projection already fused away
         if isinstance(module, Linear):
             module.pack_loaded()
-        elif isinstance(module, (Attention, GatedMLP)):
+        else:
             module.fuse()
+        del module
+        release_free_memory()  # the replaced parts and packing scratch, before the next module's

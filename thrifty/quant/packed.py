@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from thrifty.loading.memory import release_free_memory
+
 # Above this many rows a call expands the weight to bfloat16 and runs a dense GEMM: measured on
 # a 2-core AVX-512 CPU, the weight-only kernels lose to the dense bfloat16 GEMM from about 16 rows.
 DENSE_ROWS = 16
@@ -163,7 +165,11 @@ def pack(w: torch.Tensor, fmt: str) -> PackedWeight:
         fmt = "int8"
     if w.shape[0] <= PACK_ROWS:
         return FORMATS[fmt].from_float(w)
-    return concat([FORMATS[fmt].from_float(rows) for rows in w.split(PACK_ROWS)])
+    parts = []
+    for rows in w.split(PACK_ROWS):
+        parts.append(FORMATS[fmt].from_float(rows))
+        release_free_memory()  # the slice's float scratch, before the next slice lands beside it
+    return concat(parts)
 
 
 def concat(parts: list[PackedWeight]) -> PackedWeight:
