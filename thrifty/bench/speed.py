@@ -44,14 +44,20 @@ def _prompt(length: int, seed: int, vocab: int = 49152) -> list[int]:
 
 
 def _thrifty(cfg: dict) -> dict:
+    import torch  # noqa: F401  (first, alone: the RSS floor no engine can go below)
+
+    torch_rss_mb = _peak_rss_mb()
     from thrifty.engine.engine import EngineConfig, LLMEngine
     from thrifty.engine.sampling_params import SamplingParams
+
+    imports_rss_mb = _peak_rss_mb()
 
     longest = max(cfg["prompt_lens"])
     pool = max(longest + 16, max(cfg["batch_sizes"]) * (32 + cfg["decode_tokens"] + 16))
     engine = LLMEngine(EngineConfig(model=cfg["model"], weights=cfg["weights"], num_threads=cfg["threads"],
                                     kv_cache_tokens=pool, max_num_batched_tokens=max(longest, 512),
                                     max_num_seqs=max(cfg["batch_sizes"]), enable_prefix_caching=False))
+    loaded_rss_mb = _peak_rss_mb()
     prefill = {}
     for length in cfg["prompt_lens"]:
         best = float("inf")
@@ -76,7 +82,8 @@ def _thrifty(cfg: dict) -> dict:
         decode[batch] = batch * n / (time.perf_counter() - start)
     weight_mb = sum(_module_bytes(m) for m in engine.model.modules()) / 2**20
     return {"prefill": prefill, "decode": decode, "peak_rss_mb": _peak_rss_mb(), "weights": engine.weights,
-            "weights_mb": weight_mb, "kv_pool_mb": engine.kv_cache.nbytes / 2**20}
+            "weights_mb": weight_mb, "kv_pool_mb": engine.kv_cache.nbytes / 2**20,
+            "rss_torch_mb": torch_rss_mb, "rss_imports_mb": imports_rss_mb, "rss_loaded_mb": loaded_rss_mb}
 
 
 def _module_bytes(module) -> int:
@@ -238,6 +245,11 @@ def run(args: argparse.Namespace) -> None:
         t = results["thrifty"]
         print(f"\nthrifty weights={t['weights']}: {t['weights_mb']:.0f} MB in run format, KV pool {t['kv_pool_mb']:.0f} MB, "
               f"peak RSS {t['peak_rss_mb']:.0f} MB (target <= {t['weights_mb'] + t['kv_pool_mb'] + 400:.0f} MB)")
+        if "rss_torch_mb" in t:
+            print(f"peak RSS breakdown: {t['rss_torch_mb']:.0f} MB after `import torch`, "
+                  f"{t['rss_imports_mb']:.0f} MB after thrifty's imports, {t['rss_loaded_mb']:.0f} MB with the "
+                  f"model and KV pool loaded; running added {t['peak_rss_mb'] - t['rss_loaded_mb']:.0f} MB "
+                  f"(activations, attention scratch)")
         if 1 in t["decode"] and max(cfg["batch_sizes"]) in t["decode"]:
             top = max(cfg["batch_sizes"])
             print(f"batch {top} / batch 1 aggregate decode: {t['decode'][top] / t['decode'][1]:.2f}x")
