@@ -26,6 +26,19 @@ class QuantizedWeight:
         values = gguf.quants.dequantize(self.raw, self.ggml_type)
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(self.shape).to(dtype)
 
+    def dequantize_rows(self, index: np.ndarray) -> torch.Tensor:
+        """float32 rows `index` ([n] int) of the weight, decoded from their blocks alone: [n, in_features].
+
+        Blocks never straddle rows, so each value is exactly what `dequantize()` gives for it.
+        """
+        rows = self.raw.reshape(self.shape[0], -1)[np.asarray(index, dtype=np.int64)]
+        values = gguf.quants.dequantize(rows, self.ggml_type)
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(len(rows), *self.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
     def select_rows(self, index: torch.Tensor | np.ndarray | list[int]) -> QuantizedWeight:
         """A new weight whose row i is row `index[i]` of this one (a permutation or a subset)."""
         index = np.asarray(index, dtype=np.int64)

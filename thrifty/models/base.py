@@ -41,6 +41,8 @@ class CausalLM(nn.Module):
         head = Linear(self.config.hidden_size, self.config.vocab_size, False, dtype=dtype, device=device)
         if self.config.tie_word_embeddings:
             head.weight = self.model.embed_tokens.weight  # one parameter, listed under the embedding's name
+            # A plain attribute, not a submodule: the head packs itself from the embedding's blocks.
+            head.__dict__["tied_embedding"] = self.model.embed_tokens
         return head
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from thrifty.config import ModelConfig, RopeScaling
-from thrifty.loading.weights import WeightTensor, to_tensor
+from thrifty.loading.weights import QuantizedWeight, WeightTensor, to_tensor
 from thrifty.models.paged_attention import AttentionMetadata, paged_attention
 from thrifty.quant.formats import weight_format
-from thrifty.quant.packed import PackedWeight, concat, pack
+from thrifty.quant.packed import PackedWeight, concat, pack, pack_rows
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -60,8 +61,22 @@ class Linear(WeightModule):
         self.weight = _param(0, dtype=self.weight.dtype, device=self.weight.device)
 
     def pack_loaded(self) -> None:
-        """Pack a weight that was loaded dense under another name (an lm_head tied to the embedding)."""
+        """Pack a weight that was loaded dense under another name (an lm_head tied to the embedding).
+
+        An embedding kept in GGUF blocks is decoded a slice of rows at a time for this, so the whole
+        float table never exists; the packed result is the same as from the float table.
+        """
         if self.weights_choice == "fp32" or self.packed is not None:
+            return
+        tied = self.__dict__.get("tied_embedding")
+        if tied is not None and tied.packed is not None:
+            blocks = tied.packed
+            fmt = weight_format(self.weights_choice, self.weight.detach())
+            if fmt is None:  # set_weights_choice keeps the blocks only where the head is packed
+                raise RuntimeError("a tied lm_head must be packed when its embedding stays in blocks")
+            self.packed = pack_rows(lambda start, stop: blocks.dequantize_rows(np.arange(start, stop)),
+                                    tuple(blocks.shape), fmt)
+            self.weight = _param(0, dtype=self.weight.dtype, device=self.weight.device)
             return
         fmt = weight_format(self.weights_choice, self.weight.detach())
         if fmt is not None:
@@ -92,11 +107,32 @@ class Linear(WeightModule):
 
 
 class Embedding(WeightModule):
+    """Token embeddings. With `keep_blocks` (set before loading), a GGUF-quantized table stays in its
+    blocks (a Q4_1 table is a sixth of its float32 size) and each lookup decodes only the rows it
+    gathers, to the same values the float table would hold.
+    """
+
+    keep_blocks: bool = False
+    packed: QuantizedWeight | None = None
+
     def __init__(self, num_embeddings: int, dim: int, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.weight = _param(num_embeddings, dim, dtype=dtype, device=device)
+        self.dtype, self.device = dtype, device
+
+    def load_param(self, name: str, weight: WeightTensor) -> None:
+        if not (self.keep_blocks and name == "weight" and isinstance(weight, QuantizedWeight)
+                and self.device.type == "cpu"):
+            super().load_param(name, weight)
+            return
+        # Copied out of the file's memory map, so the model owns it as it owns every other weight.
+        self.packed = QuantizedWeight(weight.ggml_type, tuple(weight.shape), np.array(weight.raw, copy=True))
+        self.weight = _param(0, dtype=self.dtype, device=self.device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            rows = self.packed.dequantize_rows(ids.reshape(-1).cpu().numpy())
+            return rows.reshape(*ids.shape, rows.shape[-1]).to(self.dtype)
         return F.embedding(ids, self.weight)
 
 

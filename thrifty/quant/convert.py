@@ -5,14 +5,24 @@ from __future__ import annotations
 import torch
 
 from thrifty.loading.memory import release_free_memory
-from thrifty.models.layers import Attention, GatedMLP, Linear
+from thrifty.models.layers import Attention, Embedding, GatedMLP, Linear
+from thrifty.quant.formats import weight_format
 
 
 def set_weights_choice(model: torch.nn.Module, choice: str) -> None:
-    """Make every Linear pack its weight as it loads (`choice` as from formats.resolve_choice)."""
+    """Make every Linear pack its weight as it loads (`choice` as from formats.resolve_choice).
+
+    Unless weights run as float32, a GGUF-quantized embedding table stays in its blocks too, where
+    nothing needs it as a float matrix: a tied lm_head must then be packed, not run dense.
+    """
+    config = getattr(model, "config", None)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head_packed = weight_format(choice, torch.empty(0)) is not None  # how a tied, dense-loaded head goes
     for module in model.modules():
         if isinstance(module, Linear):
             module.weights_choice = choice
+        elif isinstance(module, Embedding):
+            module.keep_blocks = choice != "fp32" and (head_packed or not tied)
 
 
 def finish_loading(model: torch.nn.Module) -> None:

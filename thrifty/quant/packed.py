@@ -8,6 +8,8 @@ to bfloat16 for that one call and oneDNN's bfloat16 GEMM does the work.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -170,6 +172,18 @@ def pack(w: torch.Tensor, fmt: str) -> PackedWeight:
         parts.append(FORMATS[fmt].from_float(rows))
         release_free_memory()  # the slice's float scratch, before the next slice lands beside it
     return concat(parts)
+
+
+def pack_rows(rows: Callable[[int, int], torch.Tensor], shape: tuple[int, int], fmt: str) -> PackedWeight:
+    """Pack a weight given as float rows [start, stop) on demand: as `pack` on the whole, one slice
+    of PACK_ROWS rows in memory at a time."""
+    if fmt == "int4" and not Int4Weight.supports(shape):
+        fmt = "int8"
+    parts = []
+    for start in range(0, shape[0], PACK_ROWS):
+        parts.append(FORMATS[fmt].from_float(rows(start, min(start + PACK_ROWS, shape[0]))))
+        release_free_memory()
+    return parts[0] if len(parts) == 1 else concat(parts)
 
 
 def concat(parts: list[PackedWeight]) -> PackedWeight:
