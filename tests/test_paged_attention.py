@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from thrifty.models.paged_attention import AttentionMetadata, SequenceSlice, paged_attention
+from thrifty.models.paged_attention import AttentionMetadata, SequenceSlice, _allowed_keys, paged_attention
+from thrifty.spec.draft import Draft
 
 H, KVH, D = 4, 2, 8
 
@@ -86,3 +87,14 @@ def test_sequences_in_one_batch_do_not_see_each_other():
     torch.testing.assert_close(out[2:], expected2, atol=1e-5, rtol=1e-5)
     expected1_last = dense_attention(q1[1:], k1, v1, 0.4)
     torch.testing.assert_close(out[1:2], expected1_last, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_of_tree_nodes_counts_from_their_depth():
+    """Root at position 8 (slot 8); node 1 and node 2 are its children (position 9, slots 9 and 10),
+    node 3 is node 1's child (position 10, slot 11). Window 4: a token sees positions > its own - 4."""
+    draft = Draft([5, 6, 7], [0, 0, 1], "test")
+    seq = SequenceSlice(query_start=0, query_len=4, context_len=12, slot_ids=torch.arange(12),
+                        tree_mask=draft.tree_mask())
+    allowed = _allowed_keys(seq, 4, torch.device("cpu"))
+    visible = [torch.nonzero(row).flatten().tolist() for row in allowed]
+    assert visible == [[5, 6, 7, 8], [6, 7, 8, 9], [6, 7, 8, 10], [7, 8, 9, 11]]

@@ -163,7 +163,7 @@ class LLMEngine:
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.speculator = Speculator(self.block_manager, self.kv_cache.layers, self.tokenizer.eos_token_ids,
                                      self.max_model_len, config.speculative, config.num_speculative_tokens,
-                                     config.speculative_adaptive, self.model_config.sliding_window,
+                                     config.speculative_adaptive,
                                      model_drafters={"draft": self._draft_model_drafter,
                                                      "layerskip": self._layer_skip_drafter})
         if config.speculative not in (None, "off"):

@@ -106,6 +106,8 @@ def _allowed_keys(seq: SequenceSlice, sliding_window: int | None, device: torch.
     allowed = key_slots <= query_slots
     if seq.tree_mask is not None:
         allowed[:, context_len - query_len:] = seq.tree_mask
+        # A tree node sits at its depth past the root, not at its slot: windows count from there.
+        query_slots = context_len - query_len + seq.tree_mask.to(device).sum(dim=-1, keepdim=True) - 1
     if sliding_window is not None:
         allowed &= key_slots > query_slots - sliding_window
     return allowed

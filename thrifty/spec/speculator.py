@@ -35,7 +35,7 @@ OFF = "off"
 class Speculator:
     def __init__(self, block_manager: BlockManager, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
                  eos_token_ids: list[int], max_model_len: int, default_method: str | None = None,
-                 num_speculative_tokens: int = 5, adaptive: bool = True, sliding_window: int | None = None,
+                 num_speculative_tokens: int = 5, adaptive: bool = True,
                  model_drafters: dict[str, Callable[[], Proposer]] | None = None) -> None:
         self.blocks = block_manager
         self.kv_layers = kv_layers
@@ -43,7 +43,6 @@ class Speculator:
         self.max_model_len = max_model_len
         self.default_method = default_method
         self.num_speculative_tokens = num_speculative_tokens
-        self.sliding_window = sliding_window
         self.proposers: dict[str, Proposer] = {name: make() for name, make in LOOKUP_PROPOSERS.items()}
         self._drafter_factories = dict(model_drafters or {})  # model drafters load on first use
         # Host seconds per drafted sequence (proposing, verifying, settling), by proposer: what a
@@ -109,14 +108,9 @@ class Speculator:
                 fixed = max(0.0, time.perf_counter() - started - passes_seconds - one_off) / len(drafted)
                 _running_mean(self.propose_seconds, method, fixed)
             for seq, draft in zip(seqs, drafts):
-                if draft is None:
-                    if self.adaptive is not None:
-                        self.adaptive.idle(seq, method)
-                    continue
-                if (not draft.is_chain and self.sliding_window is not None
-                        and seq.num_tokens + len(draft) > self.sliding_window):
-                    draft = _first_branch(draft)  # tree nodes' slots exceed their positions, so windows would cut wrongly
                 seq.draft = draft
+                if draft is None and self.adaptive is not None:
+                    self.adaptive.idle(seq, method)
 
     def record_step(self, num_tokens: int, seconds: float) -> None:
         self.cost.record(num_tokens, seconds)
@@ -193,11 +187,3 @@ class Speculator:
 
 def _running_mean(means: dict[str, float], key: str, value: float, weight: float = 0.1) -> None:
     means[key] = value if key not in means else (1 - weight) * means[key] + weight * value
-
-
-def _first_branch(draft: Draft) -> Draft:
-    node, tokens = 0, []
-    while draft.children[node]:
-        node = draft.children[node][0]
-        tokens.append(draft.token_ids[node - 1])
-    return Draft.chain(tokens, draft.proposer)
