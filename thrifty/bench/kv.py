@@ -325,7 +325,8 @@ def accuracy_table(results: dict[str, dict[tuple[str, float], float]], args: arg
     for engine, acc in results.items():
         for policy in args.policies:
             if (policy, budgets[0]) in acc:
-                print(f"| {engine} | {policy} | " + " | ".join(f"{acc[(policy, b)]:.2f}" for b in budgets) + " |")
+                cells = (f"{acc[(policy, b)]:.2f}" if (policy, b) in acc else "–" for b in budgets)  # partial runs
+                print(f"| {engine} | {policy} | " + " | ".join(cells) + " |")
 
 
 def plot(results: dict[str, dict[tuple[str, float], float]], args: argparse.Namespace, path: Path) -> None:
@@ -340,8 +341,9 @@ def plot(results: dict[str, dict[tuple[str, float], float]], args: argparse.Name
         color = f"C{i}"
         for engine, style in (("thrifty", "-o"), ("kvpress", "--x")):
             acc = results.get(engine, {})
-            if (policy, budgets[0]) in acc:
-                ax.plot(budgets, [acc[(policy, b)] for b in budgets], style, color=color, label=f"{policy} ({engine})")
+            if any((policy, b) in acc for b in budgets):
+                done = [b for b in budgets if (policy, b) in acc]
+                ax.plot(done, [acc[(policy, b)] for b in done], style, color=color, label=f"{policy} ({engine})")
     ax.axhline(results["thrifty"][("full", 1.0)], color="gray", lw=1, ls=":", label="full cache")
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [f"1/{round(1 / b)}" for b in budgets])
