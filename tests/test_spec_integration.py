@@ -29,7 +29,8 @@ def test_greedy_speculation_matches_plain_decoding(model_name):
     for proposer in ("ngram", "history", "draft", "layerskip"):
         mixed = [SamplingParams(temperature=0, max_tokens=48, ignore_eos=True,
                                 speculative=proposer if i % 3 else "off") for i in range(len(PROMPTS))]
-        for batch_params in (params, mixed):
+        # Model drafters cost real forward passes: their mixed batch alone covers both paths.
+        for batch_params in (params, mixed) if proposer in ("ngram", "history") else (mixed,):
             llm.engine.speculator.default_method = proposer
             ours = [o.outputs[0].token_ids for o in llm.generate(prompt_ids, batch_params)]
             assert ours == plain, proposer
