@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> None:
             raw = chat_prompts(args.num_prompts, args.seed, llm.tokenizer)
         workloads[name] = [llm.render_chat([{"role": "user", "content": p}]) for p in raw[:args.num_prompts]]
     proposers = args.proposers.split(",")
-    _run(llm, workloads[next(iter(workloads))][:1], "off", 1, 8)  # warm-up
+    for method in ["off"] + proposers:  # warm-up; a draft model loads on first use, outside the timings
+        _run(llm, workloads[next(iter(workloads))][:1], method, 1, 8)
 
     results = []
     for name, prompts in workloads.items():

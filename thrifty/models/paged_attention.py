@@ -147,8 +147,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             vs = torch.cat((old_v, v[rows].to(q.dtype))).transpose(0, 1)
         allowed = _allowed_keys(seq, sliding_window, q.device)
         if softcap is None and seq.observer is None:
+            # With a batch dimension PyTorch's CPU kernel is the fused (flash) one; 3-D inputs take the
+            # math path, which materialises every [heads, q, ctx] score (hundreds of MB for a 2k prompt).
             attended = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=allowed, scale=scale, enable_gqa=True)
+                qs[None], ks[None], vs[None], attn_mask=allowed, scale=scale, enable_gqa=True)[0]
         else:
             probs = attention_probs(qs, ks, allowed, scale, softcap)
             if seq.observer is not None:
