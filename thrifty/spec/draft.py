@@ -73,6 +73,10 @@ class Proposer(Protocol):
     """Proposes tokens for decoding sequences; must cost less than the forward passes it saves."""
 
     name: str
+    # Measured costs for the adaptive controller: one batched draft pass (0 for lookups), and the
+    # one-off work of the last call that is not per draft (a model drafter reading new prompts).
+    seconds_per_pass: float
+    catch_up_seconds: float
 
     def propose_batch(self, seqs: list[Sequence], limits: list[int]) -> list[Draft | None]:
         """For each sequence at most `limits[i]` draft nodes continuing its token_ids, or None (decode plainly)."""
@@ -87,6 +91,8 @@ class PerSequenceProposer:
     """Base of proposers that look at one sequence at a time (lookups, no model)."""
 
     name: str
+    seconds_per_pass = 0.0
+    catch_up_seconds = 0.0
 
     def propose(self, seq: Sequence, max_tokens: int) -> Draft | None:
         raise NotImplementedError

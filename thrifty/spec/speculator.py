@@ -69,7 +69,8 @@ class Speculator:
 
     def _draft_costs(self, method: str) -> tuple[float, float]:
         """(seconds per draft token, fixed seconds per draft) of a proposer, as measured so far."""
-        per_token = getattr(self.proposers.get(method), "seconds_per_pass", 0.0)
+        proposer = self.proposers.get(method)
+        per_token = proposer.seconds_per_pass if proposer is not None else 0.0
         return per_token, self.propose_seconds.get(method, 0.0) + self.verify_seconds.get(method, 0.0)
 
     # -- before scheduling ----------------------------------------------------------------------
@@ -103,8 +104,8 @@ class Speculator:
             drafted = [d for d in drafts if d is not None]
             if drafted:
                 # Passes and prompt reading (a one-off per sequence, like prefill) are not per-draft overhead.
-                passes_seconds = getattr(proposer, "seconds_per_pass", 0.0) * max(len(d) for d in drafted)
-                one_off = getattr(proposer, "catch_up_seconds", 0.0)
+                passes_seconds = proposer.seconds_per_pass * max(len(d) for d in drafted)
+                one_off = proposer.catch_up_seconds
                 fixed = max(0.0, time.perf_counter() - started - passes_seconds - one_off) / len(drafted)
                 _running_mean(self.propose_seconds, method, fixed)
             for seq, draft in zip(seqs, drafts):
