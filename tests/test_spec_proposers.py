@@ -202,7 +202,7 @@ def test_draft_cap_comes_from_the_request_then_the_engine_then_the_proposer():
         seq.num_computed_tokens = seq.num_tokens - 1
         return seq
 
-    for engine_cap, request_cap, expected in ((None, None, 8), (4, None, 4), (4, 2, 2)):
+    for engine_cap, request_cap, expected in ((None, None, 16), (4, None, 4), (4, 2, 2)):
         spec = Speculator(_Blocks(), [], eos_token_ids=[0], max_model_len=4096,  # type: ignore[arg-type]
                           num_speculative_tokens=engine_cap, adaptive=False)
         spec.propose([seq := decoding(num_speculative_tokens=request_cap)])
@@ -222,3 +222,56 @@ def test_a_proposers_first_drafts_are_probes_then_the_margin_decides():
     for _ in range(3):
         control.update(seq_of([3]), 5, 5, "draft")  # it turned out nearly always right
     assert control.draft_length(seq_of([1, 2]), 5, 1, 1, proposer="draft") > 0
+
+
+def test_a_dry_draft_scored_token_by_token_counts_like_the_verified_draft():
+    seq = seq_of([1])
+    verified, dry = AdaptiveDraftLength(StepCostModel()), AdaptiveDraftLength(StepCostModel())
+    for accepted, depth in ((3, 5), (5, 5), (0, 4)):
+        verified.update(seq, accepted, depth, "ngram")
+        dry.begin_dry_draft(seq, "ngram")
+        for _ in range(accepted):
+            dry.dry_token(seq, True, "ngram")
+        if accepted < depth:
+            dry.dry_token(seq, False, "ngram")
+        assert abs(verified.acceptance(seq, "ngram") - dry.acceptance(seq, "ngram")) < 1e-12
+        assert abs(verified.proposer_acceptance("ngram") - dry.proposer_acceptance("ngram")) < 1e-12
+
+
+def test_a_sequence_that_stopped_drafting_resumes_when_its_dry_drafts_come_true():
+    """Prompt lookup stops drafting while the output departs from the prompt; the unverified lookups
+    it keeps making show when the output starts copying again, within a few tokens."""
+    from thrifty.engine.scheduler import ScheduledSequence
+    from thrifty.spec.speculator import Speculator
+
+    class _Blocks:
+        block_size = 16
+
+    spec = Speculator(_Blocks(), [], eos_token_ids=[0], max_model_len=4096)  # type: ignore[arg-type]
+    for k in (0, 1, 0, 2, 0, 3) * 4:  # 1 s steps, 0.05 s per draft token, 0.2 s per drafted sequence
+        spec.cost.record(1 + k, 1.0 + (0.2 + 0.05 * k if k else 0.0), 1 if k else 0)
+    prompt = list(range(100, 160))
+    seq = Sequence("r", 0, prompt + [7], SamplingParams(speculative="ngram", max_tokens=200))
+    seq.num_computed_tokens = seq.num_tokens - 1
+    for _ in range(12):
+        spec.adaptive.update(seq, 0, 8, "ngram")  # its drafts were all rejected so far
+    logits = torch.zeros(1, 200)
+
+    def plain_step(token: int) -> bool:
+        """One step; True if the sequence drafted."""
+        spec.propose([seq])
+        if seq.draft is not None:
+            return True
+        spec.sample([ScheduledSequence(seq=seq, num_tokens=1)], logits, lambda rows, seqs: ([token], [None]))
+        seq.token_ids.append(token)
+        seq.num_computed_tokens += 1
+        return False
+
+    for token in range(8, 28):  # new text, nothing to look up
+        assert not plain_step(token)
+    assert spec.adaptive.acceptance(seq, "ngram") < 0.1
+    copied = 0
+    while copied < 20 and not plain_step(prompt[10 + copied]):
+        copied += 1
+    assert copied <= 4  # one copied token to find the match, a few to trust it
+    assert seq.draft.token_ids == prompt[10 + copied:10 + copied + len(seq.draft)]

@@ -75,9 +75,13 @@ class StepCostModel:
 
 
 @dataclass
-class _SeqState:
+class _Counts:
     accepted: float  # decayed counts: the recent acceptance
     rejected: float
+
+
+@dataclass
+class _SeqState(_Counts):
     seen_accepted: float = 0.0  # all of this sequence's drafts, undecayed
     seen_rejected: float = 0.0
 
@@ -100,7 +104,7 @@ class AdaptiveDraftLength:
         self.relax = relax  # per idle step, how far acceptance returns towards the proposer's
         self.proposer_memory = proposer_memory
         self._states: weakref.WeakKeyDictionary[Sequence, _SeqState] = weakref.WeakKeyDictionary()
-        self._proposers: dict[str, _SeqState] = {}
+        self._proposers: dict[str, _Counts] = {}
 
     def proposer_acceptance(self, proposer: str) -> float:
         s = self._proposers.get(proposer)
@@ -151,13 +155,37 @@ class AdaptiveDraftLength:
 
     def update(self, seq: Sequence, num_accepted: int, depth: int, proposer: str = "") -> None:
         """A draft of `depth` levels had its first `num_accepted` accepted (geometric likelihood)."""
-        missed = 1 if num_accepted < depth else 0
-        s = self._state(seq, proposer)
-        s.accepted = s.accepted * self.memory + num_accepted
-        s.rejected = s.rejected * self.memory + missed
-        s.seen_accepted += num_accepted
-        s.seen_rejected += missed
+        self.begin_dry_draft(seq, proposer)
+        self._count(seq, proposer, num_accepted, 1 if num_accepted < depth else 0)
         self._proposer_drafts[proposer] = self._proposer_drafts.get(proposer, 0) + 1
-        g = self._proposers.setdefault(proposer, _SeqState(self.prior * 2, (1 - self.prior) * 2))
-        g.accepted = g.accepted * self.proposer_memory + num_accepted
-        g.rejected = g.rejected * self.proposer_memory + missed
+
+    def begin_dry_draft(self, seq: Sequence, proposer: str = "") -> None:
+        """A draft starts being scored (a verified one at once, a dry one token by token): age the past."""
+        s = self._state(seq, proposer)
+        s.accepted *= self.memory
+        s.rejected *= self.memory
+        g = self._proposer_state(proposer)
+        g.accepted *= self.proposer_memory
+        g.rejected *= self.proposer_memory
+
+    def dry_token(self, seq: Sequence, hit: bool, proposer: str = "") -> None:
+        """One token of a dry draft was generated: it matched the draft (hit) or ended it (miss).
+
+        A dry draft is what a free proposer would have drafted for a sequence that decoded plainly;
+        scoring it as its tokens arrive gives the same counts as verifying it, one token at a time,
+        so a sequence that stopped drafting sees a copy spell begin within a step or two.
+        """
+        self._count(seq, proposer, int(hit), int(not hit))
+
+    def _proposer_state(self, proposer: str) -> _Counts:
+        return self._proposers.setdefault(proposer, _Counts(self.prior * 2, (1 - self.prior) * 2))
+
+    def _count(self, seq: Sequence, proposer: str, accepted: int, missed: int) -> None:
+        s = self._state(seq, proposer)
+        s.accepted += accepted
+        s.rejected += missed
+        s.seen_accepted += accepted
+        s.seen_rejected += missed
+        g = self._proposer_state(proposer)  # the proposer's record over all sequences
+        g.accepted += accepted
+        g.rejected += missed

@@ -78,6 +78,9 @@ class Proposer(Protocol):
     seconds_per_pass: float
     catch_up_seconds: float
     default_draft_tokens: int  # the draft cap when neither the request nor the engine sets one
+    # Proposing runs no model: a sequence decoding plainly can still be shown its draft, unverified,
+    # to keep its acceptance estimate current (dry drafts, thrifty.spec.speculator).
+    drafts_for_free: bool
 
     def propose_batch(self, seqs: list[Sequence], limits: list[int]) -> list[Draft | None]:
         """For each sequence at most `limits[i]` draft nodes continuing its token_ids, or None (decode plainly)."""
@@ -103,6 +106,7 @@ class PerSequenceProposer:
     seconds_per_pass = 0.0
     catch_up_seconds = 0.0
     default_draft_tokens = 5
+    drafts_for_free = True
 
     def propose(self, seq: Sequence, max_tokens: int) -> Draft | None:
         raise NotImplementedError

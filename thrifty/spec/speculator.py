@@ -9,8 +9,10 @@ plain sequences); `settle` keeps the accepted tokens' KV and rolls back the rest
 from __future__ import annotations
 
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +33,14 @@ MODEL_PROPOSERS = ("draft", "layerskip")  # built by the engine, which owns the 
 PROPOSERS = (*LOOKUP_PROPOSERS, *MODEL_PROPOSERS)
 PAYBACK_TOKENS = 256  # horizon over which a drafter's catch-up must pay for itself when max_tokens is unset
 OFF = "off"
+
+
+@dataclass
+class _DryDraft:
+    """What a free proposer would have drafted for a plainly decoding sequence, scored as tokens arrive."""
+
+    draft: Draft
+    node: int = 0  # the draft node the generated tokens have followed so far (0: the root)
 
 
 class Speculator:
@@ -54,6 +64,7 @@ class Speculator:
         self.adaptive = AdaptiveDraftLength(self.cost) if adaptive else None
         self.counts: dict[str, dict[str, int]] = defaultdict(lambda: {"drafts": 0, "draft_tokens": 0,
                                                                       "accepted_tokens": 0})
+        self._dry: weakref.WeakKeyDictionary[Sequence, _DryDraft] = weakref.WeakKeyDictionary()
 
     def _method(self, seq: Sequence) -> str | None:
         method = seq.params.speculative or self.default_method
@@ -81,6 +92,7 @@ class Speculator:
         for seq in running:
             seq.draft = None
         groups: dict[str, tuple[list[Sequence], list[int]]] = defaultdict(lambda: ([], []))
+        dry: dict[str, tuple[list[Sequence], list[int]]] = defaultdict(lambda: ([], []))
         for seq in decoding:
             method = self._method(seq)
             if method is None:
@@ -92,18 +104,27 @@ class Speculator:
             if seq.params.max_tokens is not None:
                 limit = min(limit, seq.params.max_tokens - seq.num_output_tokens - 1)
                 to_come = min(to_come, seq.params.max_tokens - seq.num_output_tokens)
-            if self.adaptive is not None and limit > 0:
-                per_token, per_draft = self._draft_costs(method)
-                # A drafter's one-off catch-up (reading the prompt) is paid back over the tokens still to come.
-                per_draft += proposer.pending_seconds(seq) / max(to_come, 1)
-                limit = self.adaptive.draft_length(seq, limit, len(decoding), len(decoding),
-                                                   per_token, per_draft, proposer=method)
-            if limit <= 0:
-                if self.adaptive is not None:
-                    self.adaptive.idle(seq, method)
+            if self.adaptive is None or limit <= 0:
+                if limit > 0:
+                    groups[method][0].append(seq)
+                    groups[method][1].append(limit)
                 continue
-            groups[method][0].append(seq)
-            groups[method][1].append(limit)
+            per_token, per_draft = self._draft_costs(method)
+            # A drafter's one-off catch-up (reading the prompt) is paid back over the tokens still to come.
+            per_draft += proposer.pending_seconds(seq) / max(to_come, 1)
+            k = self.adaptive.draft_length(seq, limit, len(decoding), len(decoding),
+                                           per_token, per_draft, proposer=method)
+            if k > 0:
+                self._dry.pop(seq, None)  # a real draft supersedes the dry one
+                groups[method][0].append(seq)
+                groups[method][1].append(k)
+            elif seq in self._dry:
+                continue  # a dry draft is still being scored: that is this step's evidence
+            elif proposer.drafts_for_free:
+                dry[method][0].append(seq)
+                dry[method][1].append(limit)
+            else:
+                self.adaptive.idle(seq, method)
         for method, (seqs, limits) in groups.items():
             proposer = self.proposer(method)
             started = time.perf_counter()
@@ -119,6 +140,13 @@ class Speculator:
                 seq.draft = draft
                 if draft is None and self.adaptive is not None:
                     self.adaptive.idle(seq, method)
+        for method, (seqs, limits) in dry.items():
+            for seq, draft in zip(seqs, self.proposer(method).propose_batch(seqs, limits)):
+                if draft is None:
+                    self.adaptive.idle(seq, method)  # type: ignore[union-attr]  (dry drafts need the controller)
+                else:
+                    self._dry[seq] = _DryDraft(draft)
+                    self.adaptive.begin_dry_draft(seq, method)  # type: ignore[union-attr]
 
     def record_step(self, scheduled: list[ScheduledSequence], seconds: float) -> None:
         """Time of one forward pass, for the cost model: decode-only steps only (see adaptive.py)."""
@@ -141,6 +169,7 @@ class Speculator:
             tokens, logprobs = sampler(logits[[starts[i] for i in plain]], [items[i].seq for i in plain])
             for i, token, logprob in zip(plain, tokens, logprobs):
                 results[i] = ([token], [logprob])
+                self._score_dry_draft(items[i].seq, token)
         for i, item in enumerate(items):
             seq, draft = item.seq, item.draft
             fed = [seq.token_ids[-1]] + (draft.token_ids if draft else [])
@@ -156,6 +185,25 @@ class Speculator:
                 results[i] = (verdict.tokens, verdict.logprobs)
                 item.host_seconds = time.perf_counter() - started
         return results
+
+    def _score_dry_draft(self, seq: Sequence, token: int) -> None:
+        """Follow a plainly decoding sequence's dry draft with the token it generated (as verify would)."""
+        dry = self._dry.get(seq)
+        if dry is None or self.adaptive is None:
+            return
+        draft = dry.draft
+        child = next((c for c in draft.children[dry.node] if draft.token_ids[c - 1] == token), None)
+        method = draft.proposer
+        if child is None:
+            self.adaptive.dry_token(seq, False, method)
+            del self._dry[seq]
+            return
+        self.adaptive.dry_token(seq, True, method)
+        dry.node = child
+        if not draft.children[child]:  # a leaf: fully accepted if it is as deep as the draft goes
+            if draft.depths[child - 1] < max(draft.depths):
+                self.adaptive.dry_token(seq, False, method)
+            del self._dry[seq]
 
     def settle(self, item: ScheduledSequence, num_appended: int) -> None:
         """Keep the KV of the accepted draft tokens that were appended; roll back the rest."""
