@@ -30,7 +30,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     g.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template to use instead of the model's")
     g.add_argument("--kv-policy", help="KV eviction for requests that do not choose: streaming_llm, h2o, snapkv, "
-                                       "tova, knorm, keyformer (default none)")
+                                       "tova, knorm, keyformer, pyramidkv, d2o, mikv (default none)")
     g.add_argument("--kv-budget", type=_kv_budget, help="KV slots each sequence keeps: tokens (e.g. 512) "
                                                         "or a fraction of the prompt (e.g. 0.25)")
     g.add_argument("--speculative", choices=["ngram", "history", "draft", "layerskip", "off"],
@@ -46,7 +46,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-layer-fraction", type=float, default=0.5,
                    help="share of the target's layers the layerskip drafter runs (default 0.5)")
     g.add_argument("--num-speculative-tokens", type=int, default=None,
-                   help="most draft tokens per step (default: 8 for ngram, whose drafts are chains copied from "
+                   help="most draft tokens per step (default: 16 for ngram, whose drafts are chains copied from "
                         "the text, 5 for the others)")
     g.add_argument("--no-speculative-adaptive", action="store_true",
                    help="fixed draft length; by default it follows acceptance and turns off when it does not pay")
