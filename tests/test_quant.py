@@ -17,7 +17,8 @@ def weight(seed: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("cls", [BF16Weight, Int8Weight, Int4Weight])
-@pytest.mark.parametrize("rows", [1, 5, DENSE_ROWS + 7])  # the kernel path and the dense bf16 path
+# The kernel path, and the dense bf16 path above each format's DENSE_ROWS (int8 first, then int4 too).
+@pytest.mark.parametrize("rows", [1, 5, DENSE_ROWS["int8"] + 7, DENSE_ROWS["int4"] + 7])
 def test_packed_matmul_equals_dequantize_then_matmul(cls, rows):
     packed = cls.from_float(weight())
     x = torch.randn(rows, K, generator=torch.Generator().manual_seed(1))

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 
 from thrifty.loading.memory import release_free_memory
 
-# Above this many rows a call expands the weight to bfloat16 and runs a dense GEMM: measured on
-# a 2-core AVX-512 CPU, the weight-only kernels lose to the dense bfloat16 GEMM from about 16 rows.
-DENSE_ROWS = 16
+# Above this many rows a call expands the weight to bfloat16 and runs a dense GEMM instead of the
+# weight-only kernel, whose time grows with the rows while the expansion is a fixed cost per call.
+# Crossovers measured on a 2-core AVX-512 CPU (SmolLM2's MLP weights; the 49k-row lm_head crosses
+# later): int8 about 32 rows, int4 about 128 (its expansion unpacks nibbles: 2 ms for a
+# 3072x576 weight, 117 ms for the lm_head). scripts/bench_packed_rows.py measures them.
+DENSE_ROWS = {"int8": 32, "int4": 128}
 INT4_GROUP = 32
 # Pack big weights (the 49k-row lm_head) a slice of rows at a time, so the float temporaries of
 # packing do not raise the peak RSS by several copies of the whole weight.
@@ -89,7 +92,7 @@ class Int8Weight(PackedWeight):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         xb = x.to(torch.bfloat16)
-        if x.shape[0] <= DENSE_ROWS:
+        if x.shape[0] <= DENSE_ROWS["int8"]:
             y = torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scale)
         else:
             y = F.linear(xb, self.q.to(torch.bfloat16) * self.scale[:, None])
@@ -144,7 +147,7 @@ class Int4Weight(PackedWeight):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         xb = x.to(torch.bfloat16)
-        if x.shape[0] <= DENSE_ROWS:
+        if x.shape[0] <= DENSE_ROWS["int4"]:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, INT4_GROUP, self.scales_and_zeros)
         else:
             y = F.linear(xb, self._dense_bf16())
