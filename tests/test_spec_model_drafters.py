@@ -102,3 +102,45 @@ def test_catch_up_is_priced_per_token(tiny_llama_gguf):
     assert rate > 0  # the prompt (over 8 tokens) was read in one catch-up
     assert drafter.pending_seconds(Sequence("new", 0, list(range(40)), greedy())) == pytest.approx(40 * rate)
     assert drafter.pending_seconds(Sequence("short", 0, [1, 2, 3], greedy())) == 0.0  # fed with the first draft pass
+
+
+def test_a_drafter_running_the_targets_layers_copies_the_prompts_kv_instead_of_reading_it(tiny_llama_gguf):
+    reference = [o.outputs[0].token_ids for o in make_llm(tiny_llama_gguf).generate(PROMPTS, greedy())]
+    llm = make_llm(tiny_llama_gguf, speculative_adaptive=False, num_speculative_tokens=3)
+    engine = llm.engine
+    kept = [0, engine.model_config.num_layers - 1]
+    drafter = engine.speculator.proposers["layerskip"] = engine._model_drafter(
+        "layerskip", layer_skip_view(engine.model, kept), kept)
+    prompt = llm.tokenizer.encode(PROMPTS[0])
+    assert len(prompt) > 8  # long enough that a drafter without the hand-off would read it in a catch-up
+    engine.add_request("r", prompt, greedy(speculative="layerskip"))
+    while not drafter.shadows:
+        engine.step()
+    (seq, shadow), = drafter.shadows.items()
+    positions = len(prompt) - 1  # the last prompt token is fed with the first draft pass
+    assert shadow.num_cached_slots >= positions
+    target_slots = torch.tensor(engine.block_manager.slot_ids(seq, 0, positions))
+    shadow_slots = torch.tensor(drafter.blocks.slot_ids(shadow, 0, positions))
+    for i, layer in enumerate(kept):
+        for target_cache, draft_cache in zip(engine.kv_cache.layers[layer], drafter.kv_cache.layers[i]):
+            assert torch.equal(draft_cache[shadow_slots], target_cache[target_slots])
+    assert drafter.seconds_per_catch_up_token == 0.0  # nothing was read
+    assert drafter.pending_seconds(seq) == 0.0
+    while engine.has_unfinished_requests():
+        engine.step()
+    outputs = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(speculative="layerskip"))]
+    assert outputs == reference
+    assert drafter.seconds_per_catch_up_token == 0.0
+
+
+def test_only_a_drafter_of_the_targets_own_weights_is_given_its_kv(tiny_llama_gguf, tmp_path):
+    from tests.fixtures.tiny_models import write_tiny_llama_gguf
+
+    engine = make_llm(tiny_llama_gguf).engine
+    assert engine.speculator.proposer("draft").target_kv is not None  # the target's file, int4 by default
+    assert engine.speculator.proposer("layerskip").target_kv.layers == default_kept_layers(
+        engine.model_config.num_layers, 0.5)
+    other = tmp_path / "other.gguf"
+    write_tiny_llama_gguf(other, seed=1)
+    engine = make_llm(tiny_llama_gguf, speculative_draft_model=str(other)).engine
+    assert engine.speculator.proposer("draft").target_kv is None

@@ -27,7 +27,7 @@ from thrifty.models.base import CausalLM
 from thrifty.models.registry import load_model
 from thrifty.quant.formats import WEIGHT_CHOICES, resolve_choice
 from thrifty.spec.layer_skip import default_kept_layers, layer_skip_view
-from thrifty.spec.model_drafter import ModelDrafter
+from thrifty.spec.model_drafter import ModelDrafter, TargetKV
 from thrifty.spec.speculator import PROPOSERS, Speculator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -175,9 +175,13 @@ class LLMEngine:
             return None
         return lambda items: tqdm(items, desc=what, unit=" tensors", leave=False)
 
-    def _model_drafter(self, name: str, model: CausalLM) -> ModelDrafter:
+    def _model_drafter(self, name: str, model: CausalLM, mirrored_layers: list[int] | None = None) -> ModelDrafter:
+        """A drafter running `model`; `mirrored_layers` (the target layer each of its layers computes,
+        when it runs the target's own weights) lets it copy the target's KV instead of reading prompts."""
         num_blocks = max(1, self.config.speculative_draft_kv_tokens // self.config.block_size)
-        return ModelDrafter(name, model, num_blocks, self.config.block_size, self.dtype, self.device)
+        target_kv = None if mirrored_layers is None else TargetKV(self.kv_cache.layers, self.block_manager,
+                                                                  mirrored_layers)
+        return ModelDrafter(name, model, num_blocks, self.config.block_size, self.dtype, self.device, target_kv)
 
     def _draft_model_drafter(self) -> ModelDrafter:
         """The `draft` proposer: a separate model (by default the target's file in a cheaper run format)."""
@@ -190,12 +194,13 @@ class LLMEngine:
                 f"{self.model_config.vocab_size}; a draft model must share the target's tokenizer")
         weights = resolve_choice(config.speculative_draft_weights, self.device)
         model = load_model(source, self.dtype, self.device, weights, self._progress("loading draft model"))
-        return self._model_drafter("draft", model)
+        own_weights = path == resolve_model(config.model)  # the target's file in another run format
+        return self._model_drafter("draft", model, list(range(self.model_config.num_layers)) if own_weights else None)
 
     def _layer_skip_drafter(self) -> ModelDrafter:
         """The `layerskip` proposer: the target itself running a subset of its layers."""
         kept = default_kept_layers(self.model_config.num_layers, self.config.speculative_layer_fraction)
-        return self._model_drafter("layerskip", layer_skip_view(self.model, kept))
+        return self._model_drafter("layerskip", layer_skip_view(self.model, kept), kept)
 
     # -- requests -----------------------------------------------------------------------
 
