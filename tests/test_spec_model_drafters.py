@@ -144,3 +144,37 @@ def test_only_a_drafter_of_the_targets_own_weights_is_given_its_kv(tiny_llama_gg
     write_tiny_llama_gguf(other, seed=1)
     engine = make_llm(tiny_llama_gguf, speculative_draft_model=str(other)).engine
     assert engine.speculator.proposer("draft").target_kv is None
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "kivi4"])
+def test_the_kv_hand_off_reads_a_quantized_target_cache_and_skips_evicted_sequences(tiny_llama_gguf, kv_dtype):
+    from thrifty.kv.quant import as_store
+
+    plain = make_llm(tiny_llama_gguf, kv_cache_dtype=kv_dtype)
+    reference = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, greedy())]
+    llm = make_llm(tiny_llama_gguf, kv_cache_dtype=kv_dtype, speculative_adaptive=False, num_speculative_tokens=3)
+    engine = llm.engine
+    kept = [0, engine.model_config.num_layers - 1]
+    drafter = engine.speculator.proposers["layerskip"] = engine._model_drafter(
+        "layerskip", layer_skip_view(engine.model, kept), kept)
+    prompt = llm.tokenizer.encode(PROMPTS[0])
+    engine.add_request("r", prompt, greedy(speculative="layerskip"))
+    while not drafter.shadows:
+        engine.step()
+    (seq, shadow), = drafter.shadows.items()
+    positions = len(prompt) - 1
+    target_slots = torch.tensor(engine.block_manager.slot_ids(seq, 0, positions))
+    shadow_slots = torch.tensor(drafter.blocks.slot_ids(shadow, 0, positions))
+    for i, layer in enumerate(kept):
+        expected = as_store(*engine.kv_cache.layers[layer]).gather(target_slots)
+        copied = as_store(*drafter.kv_cache.layers[i]).gather(shadow_slots)
+        assert all(torch.equal(c, e) for c, e in zip(copied, expected))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(speculative="layerskip"))] == reference
+    assert drafter.seconds_per_catch_up_token == 0.0
+    # An evicted sequence's slots are not its positions: the drafter reads its prompt instead.
+    evicted = greedy(speculative="layerskip", kv_policy="streaming_llm", kv_budget=8)
+    assert len(llm.generate(PROMPTS[0] + " " + PROMPTS[0], evicted)[0].outputs[0].token_ids) == 20
+    assert engine.kv_compressor.stats.compactions > 0
+    assert drafter.seconds_per_catch_up_token > 0.0
