@@ -8,6 +8,7 @@ import torch
 
 from thrifty.engine.scheduler import ScheduledSequence
 from thrifty.engine.sequence import Sequence
+from thrifty.kv.quant.lowbit import LowPrecisionTokens
 from thrifty.models.paged_attention import (
     AttentionMetadata,
     AttentionObserver,
@@ -15,8 +16,8 @@ from thrifty.models.paged_attention import (
     SequenceSlice,
 )
 
-# What the KV policy of a sequence asks of attention this step: an observer, per-layer lengths.
-KVHooks = tuple[AttentionObserver | None, LayerLengths | None]
+# What the KV policy of a sequence asks of attention this step: an observer, per-layer lengths, demoted tokens.
+KVHooks = tuple[AttentionObserver | None, LayerLengths | None, LowPrecisionTokens | None]
 
 
 class ModelRunner:
@@ -56,10 +57,10 @@ class ModelRunner:
                 positions.extend(start + depth for depth in item.draft.depths)
                 tree_mask = item.draft.tree_mask()
             slot_ids = self._slots(seq.block_table, seq.num_cached_slots)
-            observer, lengths = self.kv_hooks_for(seq) if self.kv_hooks_for else (None, None)
+            observer, lengths, demoted = self.kv_hooks_for(seq) if self.kv_hooks_for else (None, None, None)
             slices.append(SequenceSlice(query_start=len(input_ids) - n, query_len=n,
                                         context_len=seq.num_cached_slots, slot_ids=slot_ids, tree_mask=tree_mask,
-                                        observer=observer, layer_lengths=lengths))
+                                        observer=observer, layer_lengths=lengths, demoted=demoted))
             new_slots.append(slot_ids[-n:])
             if item.completes:
                 sample_rows.extend(range(len(input_ids) - 1 - n + item.num_tokens, len(input_ids)))

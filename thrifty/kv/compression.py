@@ -18,6 +18,11 @@ the same for every policy:
   every layer sees them. The memory freed is therefore down to the largest layer budget, not the
   mean; sequences without per-layer budgets carry no mask at all.
 - Merging (D2O): before the kept slots are written, the policy may fold evicted tokens into them.
+- Demoting (MiKV): a policy that `demotes` has its evicted tokens quantized into a per-sequence
+  low-precision side store (thrifty.kv.quant.lowbit) instead of dropped; attention reads them back
+  next to the kept slots. Only tokens a compaction evicts go there, and compactions run after
+  speculative drafts are settled, so the store never holds a speculative token. It is dropped when
+  the sequence finishes or is preempted (the recomputation compresses, and demotes, again).
 - How: gather the kept K/V (and the policy's attention statistics) for every layer, let the
   block manager free the tail and swap shared prefix blocks for private ones (copy-on-write;
   the shared prefix is never written), then write the kept slots to the front.
@@ -43,6 +48,7 @@ from thrifty.kv.blocks import BlockManager
 from thrifty.kv.cache import KVCache
 from thrifty.kv.policies import KVPolicy, ScoreInputs, make_policy
 from thrifty.kv.quant import DenseKV
+from thrifty.kv.quant.lowbit import LowPrecisionTokens
 from thrifty.models.paged_attention import AttentionObserver, LayerLengths
 
 
@@ -96,6 +102,7 @@ class _SeqState:
     prefill_done: bool = False
     layer_budgets: list[int] | None = None  # per layer, fixed by the first compaction
     lengths: LayerLengths | None = None  # what each layer kept at the last compaction, if layers differ
+    demoted: LowPrecisionTokens | None = None  # evicted tokens in low precision (policies that demote)
 
     def reset(self) -> None:
         self.stats = [None] * self.num_layers
@@ -105,6 +112,7 @@ class _SeqState:
         self.target = self.budget
         self.layer_budgets = None
         self.lengths = None
+        self.demoted = None
         self.policy.reset()
 
 
@@ -113,6 +121,7 @@ class CompressionStats:
     compactions: int = 0
     evicted_slots: int = 0
     pinned: int = 0  # compactions that kept a shared prefix in place for want of blocks to copy it into
+    demoted_slots: int = 0  # of the evicted slots, those kept in low precision instead of dropped
 
 
 class KVCompressor:
@@ -127,6 +136,7 @@ class KVCompressor:
         self.default = default
         self.stats = CompressionStats()
         self._states: weakref.WeakKeyDictionary[Sequence, _SeqState] = weakref.WeakKeyDictionary()
+        self._demoting: weakref.WeakSet[Sequence] = weakref.WeakSet()  # sequences holding a side store
         if default is not None:
             self.resolve(SamplingParams())
 
@@ -167,17 +177,24 @@ class KVCompressor:
 
     # -- per step -------------------------------------------------------------------------
 
-    def prepare(self, seq: Sequence) -> tuple[AttentionObserver | None, LayerLengths | None]:
-        """Called by the model runner before a step: the sequence's attention observer and per-layer
-        lengths, each None when not needed."""
+    def prepare(self, seq: Sequence) -> tuple[AttentionObserver | None, LayerLengths | None,
+                                              LowPrecisionTokens | None]:
+        """Called by the model runner before a step: the sequence's attention observer, per-layer
+        lengths and demoted tokens, each None when not needed."""
         state = self._states.get(seq)
         if state is None:
-            return None, None
+            return None, None, None
         if seq.num_computed_tokens < state.computed:
             state.reset()  # preempted: it is being recomputed, so it is compressed again afterwards
         if not state.policy.needs_attention:
-            return None, state.lengths
-        return lambda layer, probs: self._observe(state, layer, probs), state.lengths
+            return None, state.lengths, state.demoted
+        return lambda layer, probs: self._observe(state, layer, probs), state.lengths, state.demoted
+
+    @property
+    def demoted_nbytes(self) -> int:
+        """Bytes held by the low-precision side stores of all sequences."""
+        states = [self._states.get(seq) for seq in self._demoting]
+        return sum(state.demoted.nbytes for state in states if state is not None and state.demoted is not None)
 
     def _observe(self, state: _SeqState, layer: int, probs: torch.Tensor) -> None:
         heads, q, ctx = probs.shape
@@ -191,6 +208,12 @@ class KVCompressor:
     def after_step(self, scheduled: list[ScheduledSequence]) -> None:
         """Called by the engine after each step: compress sequences at end of prefill or over budget."""
         self.kv_cache.sync(self.blocks, [item.seq for item in scheduled])  # a quantized cache seals full blocks
+        for seq in list(self._demoting):  # finished, aborted or preempted: its demoted tokens go
+            state = self._states.get(seq)
+            if state is None or seq.is_finished or seq.num_computed_tokens < state.computed:
+                if state is not None:
+                    state.demoted = None
+                self._demoting.discard(seq)
         for item in scheduled:
             seq = item.seq
             state = self._states.get(seq)
@@ -320,19 +343,25 @@ class KVCompressor:
         keep = self.select(seq, state, sizes, windows, pinned)
         slots = self._slot_ids(seq)
         heads = torch.arange(self.num_kv_heads, device=self.device)[:, None]
-        merges = state.policy.merges
-        kept = []
+        merges, demotes = state.policy.merges, state.policy.demotes
+        kept, demoted_k, demoted_v = [], [], []
         for layer, (store, idx) in enumerate(zip(self.kv_cache.stores, keep)):
-            if isinstance(store, DenseKV) and not merges:
+            if isinstance(store, DenseKV) and not (merges or demotes):
                 src = slots[idx[:, pinned:]]
                 kept.append((store.k[src, heads], store.v[src, heads]))
                 continue
-            # quantized or merging: the sequence's slots in float once, each head's kept ones picked from them
+            # quantized, merging or demoting: the sequence's slots in float once, each head's picked from them
             k, v = store.gather(slots)
             k_kept, v_kept = k[idx[:, pinned:], heads], v[idx[:, pinned:], heads]
             if merges:
                 self._merge(state, layer, k, v, idx, sizes[layer], pinned, k_kept, v_kept)
+            if demotes:
+                evicted = self._evicted(state, layer, n, idx, sizes[layer])
+                demoted_k.append(k[evicted, heads])
+                demoted_v.append(v[evicted, heads])
             kept.append((k_kept, v_kept))
+        if demotes:
+            self._demote(seq, state, demoted_k, demoted_v)
         positions = [self._positions(seq, state, layer) for layer in range(self.num_layers)]
         table = list(seq.block_table)
         if not self.blocks.compact(seq, budget, keep_blocks=pinned_blocks):
@@ -360,6 +389,24 @@ class KVCompressor:
         self.stats.compactions += 1
         self.stats.evicted_slots += n - budget
 
+    def _evicted(self, state: _SeqState, layer: int, n: int, keep: torch.Tensor, size: int) -> torch.Tensor:
+        """The slots a layer evicts now, per head, sorted: [kv_heads, E]. Filler slots (kept for other
+        layers) and slots the layer no longer sees are not evicted now."""
+        evicted = torch.zeros(self.num_kv_heads, n, dtype=torch.bool, device=self.device)
+        visible = self._visible(state, layer, n)
+        evicted[:, slice(None) if visible is None else visible] = True
+        evicted.scatter_(1, keep[:, :size], False)
+        return evicted.nonzero()[:, 1].view(self.num_kv_heads, -1)
+
+    def _demote(self, seq: Sequence, state: _SeqState, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Quantize the evicted tokens ([kv_heads, E, head_dim] per layer) into the sequence's side store."""
+        policy = state.policy
+        if state.demoted is None:
+            state.demoted = LowPrecisionTokens(self.num_layers, policy.bits, policy.group_size)
+            self._demoting.add(seq)
+        state.demoted.append(keys, values)
+        self.stats.demoted_slots += keys[0].shape[1]
+
     def _merge(self, state: _SeqState, layer: int, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                size: int, pinned: int, k_kept: torch.Tensor, v_kept: torch.Tensor) -> None:
         """Let the policy fold this layer's evicted slots into its kept ones (in k_kept, v_kept).
@@ -367,12 +414,7 @@ class KVCompressor:
         The pinned slots stay as they are (they are shared with other sequences); filler slots
         neither give nor take.
         """
-        n = k.shape[0]
-        evicted = torch.zeros(self.num_kv_heads, n, dtype=torch.bool, device=self.device)
-        visible = self._visible(state, layer, n)
-        evicted[:, slice(None) if visible is None else visible] = True
-        evicted.scatter_(1, keep[:, :size], False)
-        evicted_idx = evicted.nonzero()[:, 1].view(self.num_kv_heads, -1)
+        evicted_idx = self._evicted(state, layer, k.shape[0], keep, size)
         if evicted_idx.shape[1] == 0 or size == pinned:
             return
         merged_k, merged_v = state.policy.merge(layer, k.transpose(0, 1), v.transpose(0, 1), keep[:, pinned:size],

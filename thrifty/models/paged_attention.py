@@ -15,6 +15,9 @@ Keys are stored after RoPE, so a cached token carries its position with it and t
 cache may later be compacted (eviction) without touching the keys. Within a
 sequence the new tokens of this step always occupy the last `query_len` of its
 `context_len` slots.
+
+A sequence whose KV policy demotes evicted tokens (MiKV) also attends, in the same softmax, to its
+low-precision side store (`SequenceSlice.demoted`), dequantized and placed before its cached slots.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from thrifty.kv.quant.base import LayerKV
+from thrifty.kv.quant.lowbit import LowPrecisionTokens
 
 # Called with (layer index, attention probabilities [num_heads, query_len, context_len]) for a
 # sequence whose KV policy scores tokens by attention; only then are probabilities materialised.
@@ -59,6 +63,7 @@ class SequenceSlice:
     tree_mask: torch.Tensor | None = None
     observer: AttentionObserver | None = None
     layer_lengths: LayerLengths | None = None  # None: every layer sees every slot
+    demoted: LowPrecisionTokens | None = None  # older tokens in low precision, visible to every query
 
 
 @dataclass
@@ -73,10 +78,11 @@ class DecodeBatch:
 
     @classmethod
     def build(cls, sequences: list[SequenceSlice]) -> DecodeBatch | None:
-        # Trees, observers and per-layer lengths need the per-sequence path; a lone decode gains nothing
+        # Trees, observers, per-layer lengths and demoted tokens need the per-sequence path; a lone decode gains nothing
         # from padding.
         indices = [i for i, s in enumerate(sequences)
-                   if s.query_len == 1 and s.tree_mask is None and s.observer is None and s.layer_lengths is None]
+                   if s.query_len == 1 and s.tree_mask is None and s.observer is None and s.layer_lengths is None
+                   and s.demoted is None]
         if len(indices) < 2:
             return None
         chosen = [sequences[i] for i in indices]
@@ -175,6 +181,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             ks = torch.cat((old_k, k[rows].to(q.dtype))).transpose(0, 1)
             vs = torch.cat((old_v, v[rows].to(q.dtype))).transpose(0, 1)
         allowed = _allowed_keys(seq, sliding_window, q.device, layer)
+        demoted = 0
+        if seq.demoted is not None:  # older than every query: visible to all of them
+            low_k, low_v = seq.demoted.layer(layer, q.dtype)
+            demoted = low_k.shape[1]
+            ks, vs = torch.cat((low_k, ks), dim=1), torch.cat((low_v, vs), dim=1)
+            if allowed is not None:
+                allowed = F.pad(allowed, (demoted, 0), value=True)
         if softcap is None and seq.observer is None:
             # With a batch dimension PyTorch's CPU kernel is the fused (flash) one; 3-D inputs take the
             # math path, which materialises every [heads, q, ctx] score (hundreds of MB for a 2k prompt).
@@ -183,7 +196,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         else:
             probs = attention_probs(qs, ks, allowed, scale, softcap)
             if seq.observer is not None:
-                seq.observer(layer, probs)
+                seq.observer(layer, probs[..., demoted:])  # the policy scores the cached slots only
             attended = probs.to(q.dtype) @ vs.repeat_interleave(qs.shape[0] // vs.shape[0], dim=0)
         out[rows] = attended.transpose(0, 1)
     return out

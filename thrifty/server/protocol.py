@@ -37,6 +37,9 @@ KV_POLICY_OPTION_RANGES: dict[str, tuple[type, float, float, bool]] = {
     "pooling": (str, 0, 0, False),
     "beta": (float, 1.0, 1e6, False),
     "threshold_ema": (float, 0.0, 1.0, False),
+    "bits": (int, 2, 4, False),  # mikv (the policy refuses 3)
+    "importance": (str, 0, 0, False),
+    "group_size": (int, 1, 4096, False),
 }
 
 

@@ -10,6 +10,7 @@ from thrifty.kv.policies.d2o import D2OPolicy
 from thrifty.kv.policies.h2o import H2OPolicy
 from thrifty.kv.policies.keyformer import KeyformerPolicy
 from thrifty.kv.policies.knorm import KNormPolicy
+from thrifty.kv.policies.mikv import MiKVPolicy
 from thrifty.kv.policies.pyramidkv import PyramidKVPolicy
 from thrifty.kv.policies.snapkv import SnapKVPolicy
 from thrifty.kv.policies.streaming_llm import StreamingLLMPolicy
@@ -17,7 +18,7 @@ from thrifty.kv.policies.tova import TOVAPolicy
 
 POLICIES: dict[str, type[KVPolicy]] = {cls.name: cls for cls in (
     StreamingLLMPolicy, H2OPolicy, SnapKVPolicy, TOVAPolicy, KNormPolicy, KeyformerPolicy, PyramidKVPolicy,
-    D2OPolicy)}
+    D2OPolicy, MiKVPolicy)}
 
 __all__ = ["POLICIES", "KVPolicy", "ScoreInputs", "make_policy", "policy_options"]
 

@@ -8,7 +8,8 @@ only those sequences get an attention observer, so scores cost nothing otherwise
 
 Two optional hooks serve the policies that go beyond "keep the top tokens": `layer_budgets`
 gives each layer its own share of the budget (PyramidKV, D2O), and `merge` folds evicted tokens
-into kept ones instead of dropping them (D2O).
+into kept ones instead of dropping them (D2O). A policy that sets `demotes` (MiKV) has its evicted
+tokens kept in low precision by the shared mechanism instead of dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class KVPolicy:
     name: str = ""
     needs_attention: bool = False
     merges: bool = False  # whether `merge` is implemented
+    demotes: bool = False  # evicted tokens go to a low-precision side store (with `bits`, `group_size`)
 
     def reset(self) -> None:
         """Forget per-sequence state: the sequence is being recomputed after preemption."""
