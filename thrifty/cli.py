@@ -28,6 +28,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                         "4/2-bit: keys per channel, values per token, partial blocks in full precision) or "
                         "gear4/gear2 (KIVI plus a rank-2 correction of the quantization error and 2%% outliers)")
     g.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the decode step, compiled at start (about 50s, 10-15s once cached); "
+                        "0-30%% faster steps on a 2-core CPU; eager if compiling fails (default off)")
     g.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template to use instead of the model's")
     g.add_argument("--kv-policy", help="KV eviction for requests that do not choose: streaming_llm, h2o, snapkv, "
                                        "tova, knorm, keyformer, pyramidkv, d2o, mikv (default none)")
@@ -141,7 +144,7 @@ def make_llm(args: argparse.Namespace, **engine_options: object):
               speculative_draft_model=args.speculative_draft_model,
               speculative_draft_weights=args.speculative_draft_weights,
               speculative_layer_fraction=args.speculative_layer_fraction,
-              kv_policy=args.kv_policy, kv_budget=args.kv_budget, **engine_options)
+              kv_policy=args.kv_policy, kv_budget=args.kv_budget, compile=args.compile, **engine_options)
     print(f"[loaded {args.model} in {time.perf_counter() - started:.1f}s]", file=sys.stderr)
     return llm
 

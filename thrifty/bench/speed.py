@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default="smollm2-135m", help="catalog name or GGUF file")
     parser.add_argument("--weights", default="auto", help="thrifty's weight format (default auto)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="thrifty with torch.compile'd decode steps")
     parser.add_argument("--prompt-lens", default="128,512,2048", help="prefill lengths, comma-separated")
     parser.add_argument("--batch-sizes", default="1,4,8,16", help="decode batch sizes, comma-separated")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per sequence")
@@ -54,9 +55,12 @@ def _thrifty(cfg: dict) -> dict:
 
     longest = max(cfg["prompt_lens"])
     pool = max(longest + 16, max(cfg["batch_sizes"]) * (32 + cfg["decode_tokens"] + 16))
+    load_start = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=cfg["model"], weights=cfg["weights"], num_threads=cfg["threads"],
                                     kv_cache_tokens=pool, max_num_batched_tokens=max(longest, 512),
-                                    max_num_seqs=max(cfg["batch_sizes"]), enable_prefix_caching=False))
+                                    max_num_seqs=max(cfg["batch_sizes"]), enable_prefix_caching=False,
+                                    compile=cfg["compile"]))
+    load_seconds = time.perf_counter() - load_start  # compiling included, with --compile
     loaded_rss_mb = _peak_rss_mb()
     prefill = {}
     for length in cfg["prompt_lens"]:
@@ -83,7 +87,8 @@ def _thrifty(cfg: dict) -> dict:
     weight_mb = sum(_module_bytes(m) for m in engine.model.modules()) / 2**20
     return {"prefill": prefill, "decode": decode, "peak_rss_mb": _peak_rss_mb(), "weights": engine.weights,
             "weights_mb": weight_mb, "kv_pool_mb": engine.kv_cache.nbytes / 2**20,
-            "rss_torch_mb": torch_rss_mb, "rss_imports_mb": imports_rss_mb, "rss_loaded_mb": loaded_rss_mb}
+            "load_seconds": load_seconds, "rss_torch_mb": torch_rss_mb, "rss_imports_mb": imports_rss_mb,
+            "rss_loaded_mb": loaded_rss_mb}
 
 
 def _module_bytes(module) -> int:
@@ -225,7 +230,8 @@ def run(args: argparse.Namespace) -> None:
         args.prompt_lens, args.batch_sizes, args.decode_tokens = "128,512", "1,4", 16
     cfg = {"model": args.model, "weights": args.weights, "threads": args.threads,
            "prompt_lens": [int(x) for x in args.prompt_lens.split(",")],
-           "batch_sizes": [int(x) for x in args.batch_sizes.split(",")], "decode_tokens": args.decode_tokens}
+           "batch_sizes": [int(x) for x in args.batch_sizes.split(",")], "decode_tokens": args.decode_tokens,
+           "compile": args.compile}
     results = {}
     for name in args.systems.split(","):
         if name not in WORKERS:
@@ -245,6 +251,7 @@ def run(args: argparse.Namespace) -> None:
         t = results["thrifty"]
         print(f"\nthrifty weights={t['weights']}: {t['weights_mb']:.0f} MB in run format, KV pool {t['kv_pool_mb']:.0f} MB, "
               f"peak RSS {t['peak_rss_mb']:.0f} MB (target <= {t['weights_mb'] + t['kv_pool_mb'] + 400:.0f} MB)")
+        print(f"thrifty load{' and compile' if cfg['compile'] else ''}: {t['load_seconds']:.1f}s")
         if "rss_torch_mb" in t:
             print(f"peak RSS breakdown: {t['rss_torch_mb']:.0f} MB after `import torch`, "
                   f"{t['rss_imports_mb']:.0f} MB after thrifty's imports, {t['rss_loaded_mb']:.0f} MB with the "

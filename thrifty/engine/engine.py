@@ -50,6 +50,9 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     chat_template: str | None = None  # overrides the model's own
     num_threads: int | None = None
+    # torch.compile of plain decoding steps (warmed up at start, eager if it fails); off by default
+    # because compiling takes tens of seconds to minutes on a small CPU (thrifty.engine.compiled_decode)
+    compile: bool = False
     # KV eviction for requests that do not choose (SamplingParams.kv_policy): policy name and budget
     kv_policy: str | None = None
     kv_budget: int | float | None = None  # tokens (int) or a fraction of the prompt (float)
@@ -94,6 +97,9 @@ class EngineConfig:
         if self.num_speculative_tokens is not None and not 1 <= self.num_speculative_tokens <= 64:
             raise InvalidRequestError("num_speculative_tokens must be between 1 and 64")
         check_kv_cache_dtype(self.kv_cache_dtype)
+        if self.compile and self.kv_cache_dtype != "auto":
+            raise InvalidRequestError("compile runs with the full-precision KV cache only; "
+                                      f"drop --compile or use kv_cache_dtype auto instead of {self.kv_cache_dtype}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequestError("max_model_len must be at least 2")
 
@@ -160,6 +166,8 @@ class LLMEngine:
             default_kv = KVSpec(config.kv_policy, config.kv_budget, dict(config.kv_policy_options or {}))
         self.kv_compressor = KVCompressor(self.kv_cache, self.block_manager, self.model_config, default_kv)
         self.runner = ModelRunner(self.model, config.block_size, self.device, self.kv_compressor.prepare)
+        if config.compile:
+            self.runner.compile_decode()
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.speculator = Speculator(self.block_manager, self.kv_cache.layers, self.tokenizer.eos_token_ids,
                                      self.max_model_len, config.speculative, config.num_speculative_tokens,

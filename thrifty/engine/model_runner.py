@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -9,6 +10,8 @@ import torch
 from thrifty.engine.scheduler import ScheduledSequence
 from thrifty.engine.sequence import Sequence
 from thrifty.kv.quant.lowbit import LowPrecisionTokens
+from thrifty.models.base import CausalLM
+from thrifty.models.decode_attention import DecodeMetadata
 from thrifty.models.paged_attention import (
     AttentionMetadata,
     AttentionObserver,
@@ -16,18 +19,24 @@ from thrifty.models.paged_attention import (
     SequenceSlice,
 )
 
+log = logging.getLogger(__name__)
+
 # What the KV policy of a sequence asks of attention this step: an observer, per-layer lengths, demoted tokens.
 KVHooks = tuple[AttentionObserver | None, LayerLengths | None, LowPrecisionTokens | None]
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, block_size: int, device: torch.device,
+    def __init__(self, model: CausalLM, block_size: int, device: torch.device,
                  kv_hooks_for: Callable[[Sequence], KVHooks] | None = None) -> None:
         self.model = model
         self.kv_hooks_for = kv_hooks_for  # KV policies hook into attention here
         self.block_size = block_size
         self.device = device
         self._slot_offsets = torch.arange(block_size, device=device)
+        # Plain decoding steps take the tensor-only DecodeMetadata path (compiled when asked for);
+        # soft-capped attention logits (Gemma 2 style) have no kernel there.
+        self._decode_path = model.config.attn_logit_softcapping is None
+        self.decode_body: Callable[[torch.Tensor, torch.Tensor, DecodeMetadata], torch.Tensor] = model.body
 
     def _slots(self, block_table: list[int], num_slots: int) -> torch.Tensor:
         table = torch.tensor(block_table, dtype=torch.long, device=self.device)
@@ -41,6 +50,8 @@ class ModelRunner:
         The scheduler has already reserved KV slots for the new tokens, so for each sequence
         they are the last `num_tokens` of its `num_cached_slots`.
         """
+        if self._is_plain_decode(batch):
+            return self._execute_decode(batch)
         input_ids: list[int] = []
         positions: list[int] = []
         slices: list[SequenceSlice] = []
@@ -69,3 +80,37 @@ class ModelRunner:
                             torch.tensor(positions, dtype=torch.long, device=self.device), meta)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows)).float().cpu()
+
+    def compile_decode(self) -> None:
+        """Run plain decoding steps through torch.compile from now on, compiling them here."""
+        # Imported here: torch.compile loads Dynamo and inductor (~100 MB RSS), only for those who ask.
+        from thrifty.engine.compiled_decode import CompiledDecode
+
+        if not self._decode_path:
+            log.warning("torch.compile not used: this model's attention has no plain decoding path")
+            return
+        compiled = CompiledDecode(self.model)
+        seconds = compiled.warm_up(self.block_size, self.device)
+        log.info("compiled the decode step in %.1fs%s", seconds,
+                 f" (fell back to eager: {compiled.error})" if compiled.error else "")
+        self.decode_body = compiled
+
+    def _is_plain_decode(self, batch: list[ScheduledSequence]) -> bool:
+        """Whether every sequence computes exactly one token and samples from it, with nothing else asked
+        of attention (no draft, no KV policy hooks)."""
+        if not self._decode_path or not batch:
+            return False
+        if any(item.num_tokens != 1 or item.draft is not None or not item.completes for item in batch):
+            return False
+        return self.kv_hooks_for is None or all(
+            hook is None for item in batch for hook in self.kv_hooks_for(item.seq))
+
+    def _execute_decode(self, batch: list[ScheduledSequence]) -> torch.Tensor:
+        seqs = [item.seq for item in batch]
+        meta = DecodeMetadata.build([s.block_table for s in seqs], [s.num_cached_slots for s in seqs],
+                                    self.block_size, self.device)
+        input_ids = torch.tensor([s.token_ids[s.num_computed_tokens] for s in seqs], dtype=torch.long,
+                                 device=self.device)
+        positions = torch.tensor([s.num_computed_tokens for s in seqs], dtype=torch.long, device=self.device)
+        hidden = self.decode_body(self.model.embed(input_ids), positions, meta)
+        return self.model.compute_logits(hidden).float().cpu()

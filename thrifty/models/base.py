@@ -6,7 +6,7 @@ weight names (`model.layers.0.self_attn.q_proj.weight`) and loading is a name lo
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -15,8 +15,18 @@ from thrifty.config import ModelConfig
 from thrifty.errors import ModelLoadError
 from thrifty.loading.memory import release_free_memory
 from thrifty.loading.weights import WeightTensor
+from thrifty.models.decode_attention import DecodeMetadata
 from thrifty.models.layers import Linear
 from thrifty.models.paged_attention import AttentionMetadata
+
+Metadata = AttentionMetadata | DecodeMetadata
+# How a model body runs one decoder layer: (layer, x, cos, sin, meta) -> x. thrifty.engine.compiled_decode
+# passes one torch.compile'd function that serves every layer (regional compilation: one graph, not 30).
+RunLayer = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, Metadata], torch.Tensor]
+
+
+def call_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: Metadata) -> torch.Tensor:
+    return layer(x, cos, sin, meta)
 
 
 class CausalLM(nn.Module):
@@ -33,8 +43,18 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Metadata) -> torch.Tensor:
         """Final hidden states [T, hidden_size] of the T new tokens described by `meta`."""
+        return self.body(self.embed(input_ids), positions, meta)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [T, hidden_size]."""
+        raise NotImplementedError
+
+    def body(self, x: torch.Tensor, positions: torch.Tensor, meta: Metadata,
+             run_layer: RunLayer = call_layer) -> torch.Tensor:
+        """Final hidden states from input embeddings: RoPE, every layer through `run_layer`, final norm.
+        Apart from `embed`, which torch.compile need not see (a lookup in GGUF blocks runs in numpy)."""
         raise NotImplementedError
 
     def _make_lm_head(self, dtype: torch.dtype, device: torch.device) -> Linear:

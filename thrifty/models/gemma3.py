@@ -7,9 +7,14 @@ import torch
 from torch import nn
 
 from thrifty.config import ModelConfig
-from thrifty.models.base import CausalLM
-from thrifty.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
-from thrifty.models.paged_attention import AttentionMetadata
+from thrifty.models.base import CausalLM, Metadata, RunLayer, call_layer
+from thrifty.models.layers import (
+    Attention,
+    Embedding,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+)
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -28,7 +33,7 @@ class Gemma3DecoderLayer(nn.Module):
                             dtype=dtype, device=device)
         self.post_feedforward_layernorm = norm()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: Metadata) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, meta))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -49,12 +54,15 @@ class Gemma3Model(nn.Module):
         self.register_buffer("embed_scale", torch.tensor(config.hidden_size ** 0.5).to(dtype).to(device),
                              persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) * self.embed_scale
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale
+
+    def body(self, x: torch.Tensor, positions: torch.Tensor, meta: Metadata,
+             run_layer: RunLayer = call_layer) -> torch.Tensor:
         rope_global = self.rotary_emb(positions, x.dtype)
         rope_local = self.rotary_emb_local(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, *(rope_local if layer.is_sliding else rope_global), meta)
+            x = run_layer(layer, x, *(rope_local if layer.is_sliding else rope_global), meta)
         return self.norm(x)
 
 
@@ -64,5 +72,9 @@ class Gemma3ForCausalLM(CausalLM):
         self.model = Gemma3Model(config, dtype=dtype, device=device)
         self.lm_head = self._make_lm_head(dtype, device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(input_ids)
+
+    def body(self, x: torch.Tensor, positions: torch.Tensor, meta: Metadata,
+             run_layer: RunLayer = call_layer) -> torch.Tensor:
+        return self.model.body(x, positions, meta, run_layer)

@@ -16,6 +16,7 @@ from torch import nn
 
 from thrifty.config import ModelConfig, RopeScaling
 from thrifty.loading.weights import QuantizedWeight, WeightTensor, to_tensor
+from thrifty.models.decode_attention import DecodeMetadata, decode_attention
 from thrifty.models.paged_attention import AttentionMetadata, paged_attention
 from thrifty.quant.formats import weight_format
 from thrifty.quant.packed import PackedWeight, concat, pack, pack_rows
@@ -324,7 +325,8 @@ class Attention(nn.Module):
                                  f"expected [num_slots, {expected[0]}, {expected[1]}]")
         self.k_cache, self.v_cache = k_cache, v_cache
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                meta: AttentionMetadata | DecodeMetadata) -> torch.Tensor:
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("the model has no KV cache; call bind_kv_cache() before running it")
         tokens = x.shape[0]
@@ -338,6 +340,12 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, scale=self.scale, layer=self.layer,
-                              sliding_window=self.sliding_window, softcap=self.softcap)
+        if isinstance(meta, DecodeMetadata):
+            if self.softcap is not None:
+                raise ValueError("attention logit soft-capping needs AttentionMetadata, not DecodeMetadata")
+            out = decode_attention(q, k, v, self.k_cache, self.v_cache, meta, scale=self.scale,
+                                   sliding_window=self.sliding_window)
+        else:
+            out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, scale=self.scale, layer=self.layer,
+                                  sliding_window=self.sliding_window, softcap=self.softcap)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

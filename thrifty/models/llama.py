@@ -6,9 +6,14 @@ import torch
 from torch import nn
 
 from thrifty.config import ModelConfig
-from thrifty.models.base import CausalLM
-from thrifty.models.layers import Attention, Embedding, GatedMLP, RMSNorm, RotaryEmbedding
-from thrifty.models.paged_attention import AttentionMetadata
+from thrifty.models.base import CausalLM, Metadata, RunLayer, call_layer
+from thrifty.models.layers import (
+    Attention,
+    Embedding,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -21,7 +26,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
                             dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: Metadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -36,11 +41,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
                                           config.max_position_embeddings, device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def body(self, x: torch.Tensor, positions: torch.Tensor, meta: Metadata,
+             run_layer: RunLayer = call_layer) -> torch.Tensor:
         cos, sin = self.rotary_emb(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, meta)
+            x = run_layer(layer, x, cos, sin, meta)
         return self.norm(x)
 
 
@@ -50,5 +55,9 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(config, dtype=dtype, device=device)
         self.lm_head = self._make_lm_head(dtype, device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, meta)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def body(self, x: torch.Tensor, positions: torch.Tensor, meta: Metadata,
+             run_layer: RunLayer = call_layer) -> torch.Tensor:
+        return self.model.body(x, positions, meta, run_layer)

@@ -1,0 +1,95 @@
+"""Plain decoding steps: the tensor-only DecodeMetadata path and its torch.compile'd form give what the
+general per-sequence path gives."""
+
+import pytest
+import torch
+
+from thrifty.engine import compiled_decode
+from thrifty.engine.sampling_params import SamplingParams
+from thrifty.models.decode_attention import DecodeMetadata, decode_attention
+from thrifty.models.paged_attention import AttentionMetadata, SequenceSlice, paged_attention
+from tests.fixtures.tiny_models import make_tiny_llm
+
+H, KVH, D, BLOCK, BLOCKS = 4, 2, 8, 4, 32
+PROMPTS = ["the cat sat on the mat", "a", "one two three four five six seven eight nine ten eleven twelve"]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def test_decode_metadata_lists_each_sequences_slots_and_its_new_slot():
+    meta = DecodeMetadata.build([[5, 2], [7], [1, 3, 0]], [6, 3, 9], BLOCK, torch.device("cpu"))
+    assert meta.slot_mapping.tolist() == [9, 30, 0]
+    assert meta.slot_ids[0, :6].tolist() == [20, 21, 22, 23, 8, 9]
+    assert meta.slot_ids[1, :3].tolist() == [28, 29, 30]
+    assert meta.slot_ids[2].tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 0]
+    assert meta.valid.sum(dim=1).tolist() == [6, 3, 9] and meta.context_lens[:, 0].tolist() == [6, 3, 9]
+    assert DecodeMetadata.build([[5, 2]], [6], BLOCK, torch.device("cpu")).valid is None
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("context_lens", [[13], [9, 30, 2, 17]])
+def test_decode_attention_equals_the_per_sequence_path(window, context_lens):
+    g = torch.Generator().manual_seed(len(context_lens))
+    blocks = torch.randperm(BLOCKS, generator=g).tolist()
+    tables, used = [], 0
+    for n in context_lens:
+        count = -(-n // BLOCK)
+        tables.append(blocks[used:used + count])
+        used += count
+    meta = DecodeMetadata.build(tables, context_lens, BLOCK, torch.device("cpu"))
+    batch = len(context_lens)
+    q, k, v = (torch.randn(batch, h, D, generator=g) for h in (H, KVH, KVH))
+    k_cache, v_cache = torch.randn(BLOCKS * BLOCK, KVH, D, generator=g), torch.randn(BLOCKS * BLOCK, KVH, D, generator=g)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected = torch.empty_like(q)
+    for i, n in enumerate(context_lens):  # each sequence alone, as the general path runs it
+        slots = meta.slot_ids[i, :n]
+        alone = AttentionMetadata(slot_mapping=slots[-1:], sequences=[SequenceSlice(0, 1, n, slots)])
+        expected[i:i + 1] = paged_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], expected_k, expected_v, alone,
+                                            scale=0.3, layer=0, sliding_window=window)
+    out = decode_attention(q, k, v, k_cache, v_cache, meta, scale=0.3, sliding_window=window)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def _generate(llm, batched: bool) -> list[list[int]]:
+    if batched:
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    return [llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_decode_path_gives_the_general_paths_tokens(model_path, batched):
+    llm = make_tiny_llm(model_path)
+    runner = llm.engine.runner
+    steps = []
+    original = runner._execute_decode
+    runner._execute_decode = lambda batch: steps.append(len(batch)) or original(batch)
+    fast = _generate(llm, batched)
+    assert steps and (max(steps) > 1) == batched  # the path ran, for one sequence or for several
+    runner._decode_path = False  # every step through AttentionMetadata, as before the decode path
+    assert _generate(llm, batched) == fast
+
+
+def test_compiled_decode_gives_the_eager_tokens(tiny_llama_gguf):
+    eager = _generate(make_tiny_llm(tiny_llama_gguf), batched=True)
+    llm = make_tiny_llm(tiny_llama_gguf, compile=True)
+    assert llm.engine.runner.decode_body.error is None
+    assert _generate(llm, batched=True) == eager
+
+
+def test_a_failing_compiler_falls_back_to_eager(tiny_llama_gguf, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("inductor is not available")
+
+    eager = _generate(make_tiny_llm(tiny_llama_gguf), batched=False)
+    monkeypatch.setattr(compiled_decode, "_compiled_layer", broken)
+    llm = make_tiny_llm(tiny_llama_gguf, compile=True)
+    assert "inductor is not available" in llm.engine.runner.decode_body.error
+    assert _generate(llm, batched=False) == eager
+
+
+def test_compile_with_a_quantized_kv_cache_is_refused(tiny_llama_gguf):
+    from thrifty.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="compile"):
+        make_tiny_llm(tiny_llama_gguf, compile=True, kv_cache_dtype="int8")
