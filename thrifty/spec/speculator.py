@@ -140,13 +140,15 @@ class Speculator:
                 seq.draft = draft
                 if draft is None and self.adaptive is not None:
                     self.adaptive.idle(seq, method)
-        for method, (seqs, limits) in dry.items():
+        for method, (seqs, limits) in dry.items():  # only filled when the controller is on
+            adaptive = self.adaptive
+            assert adaptive is not None
             for seq, draft in zip(seqs, self.proposer(method).propose_batch(seqs, limits)):
                 if draft is None:
-                    self.adaptive.idle(seq, method)  # type: ignore[union-attr]  (dry drafts need the controller)
+                    adaptive.idle(seq, method)
                 else:
                     self._dry[seq] = _DryDraft(draft)
-                    self.adaptive.begin_dry_draft(seq, method)  # type: ignore[union-attr]
+                    adaptive.begin_dry_draft(seq, method)
 
     def record_step(self, scheduled: list[ScheduledSequence], seconds: float) -> None:
         """Time of one forward pass, for the cost model: decode-only steps only (see adaptive.py)."""
