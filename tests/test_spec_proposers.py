@@ -15,7 +15,7 @@ def seq_of(tokens: list[int]) -> Sequence:
 
 
 def test_ngram_proposes_what_followed_the_latest_longest_match():
-    proposer = NgramProposer(min_n=1, max_n=3)
+    proposer = NgramProposer(min_n=1, max_n=3, short_match_caps={})
     seq = seq_of([1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3])
     draft = proposer.propose(seq, 4)
     assert draft.token_ids == [4, 5, 9, 2] and draft.is_chain  # "1 2 3" beats the later, shorter "2 3"
@@ -24,6 +24,15 @@ def test_ngram_proposes_what_followed_the_latest_longest_match():
     seq.token_ids += [6, 2]
     assert proposer.propose(seq, 9).token_ids == [3, 7, 6, 2]  # latest "2": the continuation stops at the end
     assert NgramProposer().propose(seq_of([1, 2, 3]), 4) is None
+    assert NgramProposer(max_n=3).propose(seq, 9).token_ids == [3, 7]  # a 1-token match drafts 2 at most
+
+
+def test_ngram_drafts_in_full_only_after_a_long_match():
+    tokens = [*range(10, 40)]
+    proposer = NgramProposer()  # caps: 2 tokens after a 1-token match, 8 after a 2-token one
+    assert proposer.propose(seq_of([*tokens, 5, 10]), 16).token_ids == [11, 12]
+    assert proposer.propose(seq_of([*tokens, 5, 10, 11]), 16).token_ids == list(range(12, 20))
+    assert proposer.propose(seq_of([*tokens, 10, 11, 12, 13]), 16).token_ids == list(range(14, 30))
 
 
 def test_tree_mask_and_depths():
@@ -198,7 +207,7 @@ def test_draft_cap_comes_from_the_request_then_the_engine_then_the_proposer():
         block_size = 16
 
     def decoding(**params):
-        seq = Sequence("r", 0, [*range(10, 30), 10, 11], SamplingParams(speculative="ngram", **params))
+        seq = Sequence("r", 0, [*range(10, 40), 10, 11, 12, 13], SamplingParams(speculative="ngram", **params))
         seq.num_computed_tokens = seq.num_tokens - 1
         return seq
 
@@ -206,7 +215,7 @@ def test_draft_cap_comes_from_the_request_then_the_engine_then_the_proposer():
         spec = Speculator(_Blocks(), [], eos_token_ids=[0], max_model_len=4096,  # type: ignore[arg-type]
                           num_speculative_tokens=engine_cap, adaptive=False)
         spec.propose([seq := decoding(num_speculative_tokens=request_cap)])
-        assert seq.draft.token_ids == list(range(12, 12 + expected))  # "10 11" matched: 18 tokens follow
+        assert seq.draft.token_ids == list(range(14, 14 + expected))  # "10 11 12 13" matched: 26 tokens follow
 
 
 def test_a_proposers_first_drafts_are_probes_then_the_margin_decides():
