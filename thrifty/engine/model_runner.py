@@ -50,14 +50,16 @@ class ModelRunner:
         The scheduler has already reserved KV slots for the new tokens, so for each sequence
         they are the last `num_tokens` of its `num_cached_slots`.
         """
-        if self._is_plain_decode(batch):
+        no_hooks: KVHooks = (None, None, None)
+        hooks = [self.kv_hooks_for(item.seq) if self.kv_hooks_for else no_hooks for item in batch]
+        if self._is_plain_decode(batch, hooks):
             return self._execute_decode(batch)
         input_ids: list[int] = []
         positions: list[int] = []
         slices: list[SequenceSlice] = []
         new_slots: list[torch.Tensor] = []
         sample_rows: list[int] = []
-        for item in batch:
+        for item, (observer, lengths, demoted) in zip(batch, hooks):
             seq, n = item.seq, item.num_query_tokens
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start:start + item.num_tokens])
@@ -68,7 +70,6 @@ class ModelRunner:
                 positions.extend(start + depth for depth in item.draft.depths)
                 tree_mask = item.draft.tree_mask()
             slot_ids = self._slots(seq.block_table, seq.num_cached_slots)
-            observer, lengths, demoted = self.kv_hooks_for(seq) if self.kv_hooks_for else (None, None, None)
             slices.append(SequenceSlice(query_start=len(input_ids) - n, query_len=n,
                                         context_len=seq.num_cached_slots, slot_ids=slot_ids, tree_mask=tree_mask,
                                         observer=observer, layer_lengths=lengths, demoted=demoted))
@@ -95,15 +96,14 @@ class ModelRunner:
                  f" (fell back to eager: {compiled.error})" if compiled.error else "")
         self.decode_body = compiled
 
-    def _is_plain_decode(self, batch: list[ScheduledSequence]) -> bool:
+    def _is_plain_decode(self, batch: list[ScheduledSequence], hooks: list[KVHooks]) -> bool:
         """Whether every sequence computes exactly one token and samples from it, with nothing else asked
         of attention (no draft, no KV policy hooks)."""
         if not self._decode_path or not batch:
             return False
         if any(item.num_tokens != 1 or item.draft is not None or not item.completes for item in batch):
             return False
-        return self.kv_hooks_for is None or all(
-            hook is None for item in batch for hook in self.kv_hooks_for(item.seq))
+        return all(hook is None for item_hooks in hooks for hook in item_hooks)
 
     def _execute_decode(self, batch: list[ScheduledSequence]) -> torch.Tensor:
         seqs = [item.seq for item in batch]
