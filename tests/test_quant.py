@@ -95,3 +95,39 @@ def test_big_weights_pack_in_slices_to_the_same_result(fmt, monkeypatch):
     whole = pack(w, fmt).dequantize()
     monkeypatch.setattr(packed_module, "PACK_ROWS", 16)
     torch.testing.assert_close(pack(w, fmt).dequantize(), whole)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, 200])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_linear_with_its_onednn_copy_equals_the_plain_matmul(rows, bias):
+    from thrifty.models.layers import Linear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    linear = Linear(K, N, bias, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        linear.weight.copy_(weight())
+        if bias:
+            linear.bias.copy_(torch.randn(N))
+    x = torch.randn(2, rows, K, generator=torch.Generator().manual_seed(1))
+    reference = torch.nn.functional.linear(x.double(), linear.weight.double(),
+                                           None if linear.bias is None else linear.bias.double())
+    plain = linear(x)
+    linear.block_for_onednn()
+    assert linear.blocked is not None
+    blocked = linear(x)
+    assert blocked.shape == plain.shape == (2, rows, N)
+    torch.testing.assert_close(blocked.double(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain.double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_only_fp32_engines_keep_onednn_copies(tiny_llama_gguf):
+    from thrifty import LLM
+    from thrifty.models.layers import Linear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    for weights, expect_copies in (("fp32", True), ("int8", False)):
+        llm = LLM(str(tiny_llama_gguf), weights=weights, kv_cache_tokens=256, block_size=4)
+        linears = [m for m in llm.engine.model.modules() if isinstance(m, Linear)]
+        assert linears and all((m.blocked is not None) == expect_copies for m in linears), weights

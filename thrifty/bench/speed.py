@@ -92,10 +92,11 @@ def _thrifty(cfg: dict) -> dict:
 
 
 def _module_bytes(module) -> int:
-    """Bytes of a module's own weights in their run format (packed or dense)."""
+    """Bytes of a module's own weights in their run format (packed or dense, plus a oneDNN-blocked copy)."""
     packed = getattr(module, "packed", None)
+    blocked = getattr(module, "blocked", None)
     own = sum(p.nbytes for p in module.parameters(recurse=False))
-    return own + (packed.nbytes if packed is not None else 0)
+    return own + (packed.nbytes if packed is not None else 0) + (blocked.nbytes if blocked is not None else 0)
 
 
 def _llama_cpp(cfg: dict) -> dict:

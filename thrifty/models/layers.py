@@ -26,15 +26,29 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-# Up to this many rows a float32 matmul on the CPU runs as W @ x^T: F.linear (x @ W^T) takes a
-# path that reads the weight 1.3-3x slower there, and a single row (matrix-vector) 3x slower
-# still, so one row is padded to two. Measured with torch 2.13 on AVX-512, 2 threads: the
-# 49152x576 lm_head 10.1 -> 2.9 ms at 1 row; W @ x^T loses from about 512 rows (BENCHMARKS.md).
-_SMALL_FP32_ROWS = 128
+# A float32 matmul on the CPU of one or two rows runs as W @ x^T: F.linear (x @ W^T) takes a path
+# that reads the weight 1.3-3x slower there, and a single row (matrix-vector) 3x slower still, so
+# one row is padded to two. From three rows on, oneDNN's matmul on a copy of the weight reordered
+# into its blocked layout wins, by 1.1x at 3 rows, 1.7-1.9x at 8-16 and 1.3x at 512 (whole
+# SmolLM2-135M step, 2-core AVX-512, torch 2.13; scripts/bench_fp32_matmul.py): those are the
+# verify steps of speculative decoding and prefill chunks.
+_BLOCKED_FP32_ROWS = 3
+_SMALL_FP32_ROWS = 128  # W @ x^T where no blocked copy exists; it loses to F.linear from about 512
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:
+    """A float32 CPU weight [out, in] reordered into oneDNN's blocked layout, None where oneDNN
+    cannot run it. The copy costs as much memory as the weight itself."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)  # 64: the row count it tunes for
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 blocked: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
+    if blocked is not None and rows >= _BLOCKED_FP32_ROWS and not torch.compiler.is_compiling():
+        return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not 0 < rows <= _SMALL_FP32_ROWS:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
@@ -66,6 +80,7 @@ class Linear(WeightModule):
 
     weights_choice: str = "fp32"
     packed: PackedWeight | None = None
+    blocked: torch.Tensor | None = None  # a float32 weight's oneDNN copy for multi-row matmuls
 
     def __init__(self, in_features: int, out_features: int, bias: bool, *, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -124,7 +139,12 @@ class Linear(WeightModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return self.packed.linear(x, self.bias)
-        return dense_linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias, self.blocked)
+
+    def block_for_onednn(self) -> None:
+        """Keep a oneDNN-blocked copy of a dense float32 weight for calls of several rows."""
+        if self.packed is None and self.weights_choice == "fp32":
+            self.blocked = onednn_blocked(self.weight)
 
 
 class Embedding(WeightModule):

@@ -26,7 +26,8 @@ def set_weights_choice(model: torch.nn.Module, choice: str) -> None:
 
 
 def finish_loading(model: torch.nn.Module) -> None:
-    """Pack what was loaded dense (a tied lm_head) and fuse the QKV and gate/up projections.
+    """Pack what was loaded dense (a tied lm_head), fuse the QKV and gate/up projections, and give
+    float32 matmul weights their oneDNN-blocked copy for calls of several rows.
 
     Modules are looked up by name as they are reached, so the projections a fusion replaces are
     freed at once (a list of the modules would keep every one of them alive to the end).
@@ -43,3 +44,6 @@ def finish_loading(model: torch.nn.Module) -> None:
             module.fuse()
         del module
         release_free_memory()  # the replaced parts and packing scratch, before the next module's
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.block_for_onednn()
