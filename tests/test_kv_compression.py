@@ -62,7 +62,8 @@ def test_compression_frees_blocks_during_generation(llm, policy):
             # Never more than that + one block of slack after a step, whatever the sequence length.
             assert seq.num_cached_slots < largest + blocks.block_size
             assert len(seq.block_table) == blocks.blocks_for(seq.num_cached_slots)
-            peak_after_prefill = max(peak_after_prefill, blocks.num_used_blocks)
+            # mikv's side store holds blocks outside the table too, charged apart (tests/test_kv_mikv.py)
+            peak_after_prefill = max(peak_after_prefill, blocks.num_used_blocks - blocks.num_side_blocks)
             assert seq.num_computed_tokens == seq.num_tokens - 1
     assert peak_after_prefill <= blocks.blocks_for(largest + blocks.block_size)
     assert blocks.blocks_for(prompt_len) > peak_after_prefill

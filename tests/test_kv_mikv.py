@@ -237,7 +237,12 @@ def test_side_store_memory_is_counted_and_freed(llm):
         held = state.demoted.num_tokens
         # every token is either a kept slot or a demoted one
         assert held + seq.num_cached_slots == seq.num_computed_tokens
-        assert seq.num_cached_slots < 8 + bs and blocks.num_used_blocks <= blocks.blocks_for(8 + bs)
+        # the side store is charged to the pool: whole blocks held outside the block table
+        side = blocks.num_side_blocks_of(seq)
+        assert side == -(-compressor.demoted_nbytes // engine.kv_cache.block_nbytes) >= 1
+        assert engine.stats()["kv_blocks_side_store"] == side
+        assert seq.num_cached_slots < 8 + bs and blocks.num_used_blocks == len(seq.block_table) + side
+        assert len(seq.block_table) <= blocks.blocks_for(8 + bs)
         d = config.head_dim
         per_token = config.num_layers * config.num_kv_heads * (2 * d * 2 // 8 + 4)  # codes + value scale/zero
         key_params = config.num_layers * config.num_kv_heads * d * 4 * state.demoted.num_groups
@@ -245,6 +250,82 @@ def test_side_store_memory_is_counted_and_freed(llm):
         checked += 1
     assert checked > 3
     assert compressor.demoted_nbytes == 0 and blocks.num_free_blocks == blocks.num_blocks
+    assert blocks.num_side_blocks == 0 and compressor.stats.demoted_dropped == 0
+
+
+def test_side_blocks_are_held_outside_the_block_table(tiny_llama_gguf):
+    blocks = LLM(str(tiny_llama_gguf), kv_cache_tokens=32, block_size=4).engine.block_manager  # 8 blocks
+    seq = Sequence("s", 0, [1, 2, 3], SamplingParams())
+    blocks.claim_cached_prefix(seq)
+    blocks.append_slots(seq, 3)
+    assert blocks.hold_side_blocks(seq, 3) and blocks.num_side_blocks_of(seq) == 3 and blocks.num_free_blocks == 4
+    assert not blocks.hold_side_blocks(seq, 8) and blocks.num_side_blocks_of(seq) == 3  # short: nothing changes
+    assert blocks.hold_side_blocks(seq, 1) and blocks.num_free_blocks == 6
+    assert len(seq.block_table) == 1 and blocks.num_used_blocks == 2  # one table block, one side block
+    blocks.free(seq)
+    assert blocks.num_side_blocks == 0 and blocks.num_free_blocks == blocks.num_blocks
+
+
+def test_side_store_sheds_its_oldest_groups():
+    torch.manual_seed(3)
+    store = LowPrecisionTokens(num_layers=2, bits=2, group_size=4)
+    for count in (6, 3):  # groups of 4, 2 and 3 tokens
+        store.append([torch.randn(2, count, 8) for _ in range(2)], [torch.randn(2, count, 8) for _ in range(2)])
+    before = [store.layer(layer, torch.float32) for layer in range(2)]
+    assert store.drop_oldest(store.nbytes) == 0
+    nbytes = store.nbytes
+    assert store.drop_oldest(nbytes - 1) == 4  # the first group (4 tokens) is enough
+    assert store.num_tokens == 5 and store.num_groups == 2 and store.nbytes < nbytes
+    fresh = LowPrecisionTokens(num_layers=2, bits=2, group_size=4)  # what 2 + 3 tokens cost
+    fresh.append([torch.randn(2, 2, 8)] * 2, [torch.randn(2, 2, 8)] * 2)
+    fresh.append([torch.randn(2, 3, 8)] * 2, [torch.randn(2, 3, 8)] * 2)
+    assert store.nbytes == fresh.nbytes
+    for layer, (k, v) in enumerate(before):  # the newest tokens are untouched
+        low_k, low_v = store.layer(layer, torch.float32)
+        assert torch.equal(low_k, k[:, 4:]) and torch.equal(low_v, v[:, 4:])
+    assert store.drop_oldest(store.nbytes - 1) == 2 and store.num_tokens == 3
+    assert store.drop_oldest(0) == 3 and store.num_tokens == 0 and store.nbytes == 0
+
+
+def test_a_pool_too_small_for_the_side_stores_is_never_exceeded(tiny_llama_gguf):
+    """Four mikv sequences whose side stores (4 bits, one key group per token) would outgrow a 128-token pool:
+    at every step each store is covered by the blocks its sequence holds, table and side blocks together
+    stay within the pool, the oldest demoted tokens are dropped to fit, and every sequence completes."""
+    small = LLM(str(tiny_llama_gguf), kv_cache_tokens=128, block_size=4, enable_prefix_caching=False)
+    engine = small.engine
+    compressor, blocks, block_nbytes = engine.kv_compressor, engine.block_manager, engine.kv_cache.block_nbytes
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, kv_policy="mikv", kv_budget=4,
+                            kv_policy_options={"bits": 4, "group_size": 1})
+    for i in range(4):
+        engine.add_request(str(i), [(7 * i + 3 * t) % 250 + 1 for t in range(24)], params)
+    seqs = [engine.requests[str(i)].seqs[0] for i in range(4)]
+    done, peak = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = len(out.outputs[0].token_ids)
+        for seq in seqs:
+            state = compressor._states.get(seq)
+            store = None if state is None or seq.is_finished else state.demoted
+            assert blocks.num_side_blocks_of(seq) * block_nbytes >= (0 if store is None else store.nbytes)
+        assert sum(len(s.block_table) for s in seqs) + blocks.num_side_blocks == blocks.num_used_blocks
+        peak = max(peak, blocks.num_side_blocks)
+    assert done == {str(i): 40 for i in range(4)}
+    assert compressor.stats.demoted_dropped > 0 and peak > 0
+    assert blocks.num_side_blocks == 0 and blocks.num_free_blocks == blocks.num_blocks
+
+
+def test_a_lone_sequence_sheds_demoted_tokens_rather_than_preempting_itself(tiny_llama_gguf):
+    """A pool just large enough for one sequence: its side store takes only what the sequence does not need
+    before its next compaction, so it is never preempted; what does not fit is dropped, oldest first."""
+    small = LLM(str(tiny_llama_gguf), kv_cache_tokens=64, block_size=4, kv_cache_dtype="int8")
+    engine = small.engine
+    out = small.generate(list(range(1, 25)), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True,
+                                                             kv_policy="mikv", kv_budget=4,
+                                                             kv_policy_options={"bits": 4, "group_size": 1}))
+    assert len(out[0].outputs[0].token_ids) == 40 and engine.scheduler.num_preemptions == 0
+    assert engine.kv_compressor.stats.demoted_dropped > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_preemption_drops_the_side_store_and_recomputes(tiny_llama_gguf):
@@ -264,13 +345,15 @@ def test_preemption_drops_the_side_store_and_recomputes(tiny_llama_gguf):
     while not seq.num_preemptions:
         engine.step()
     assert compressor._states[seq].demoted is None and compressor.demoted_nbytes == 0
+    assert engine.block_manager.num_side_blocks == 0  # its side blocks went with its other blocks
     demoted_before = compressor.stats.demoted_slots
     while engine.has_unfinished_requests():
         outputs = engine.step()
         for out in outputs:
             if out.request_id == "low" and out.finished:
                 assert len(out.outputs[0].token_ids) == 30
-    assert scheduler.num_preemptions == 1 and compressor.stats.demoted_slots > demoted_before
+    # >= 1: with the side store's blocks counted, this pool is tight enough to preempt it again mid-recomputation
+    assert scheduler.num_preemptions >= 1 and compressor.stats.demoted_slots > demoted_before
     assert compressor.demoted_nbytes == 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 

@@ -385,5 +385,6 @@ class LLMEngine:
             "kv_blocks_total": self.block_manager.num_blocks,
             "kv_blocks_free": self.block_manager.num_free_blocks,
             "kv_blocks_used": self.block_manager.num_used_blocks,
+            "kv_blocks_side_store": self.block_manager.num_side_blocks,  # MiKV's demoted tokens, within used
             "num_preemptions": self.scheduler.num_preemptions,
         }

@@ -11,6 +11,10 @@ Three operations exist for the later features that shrink or rewind a sequence:
 - full blocks are shared between sequences through chained content hashes (prefix
   caching) and reference counts; shared blocks are never written again.
 - `free(seq)` returns everything at once (finish, abort, preemption).
+
+A sequence may also hold side blocks outside its block table (`hold_side_blocks`): memory it
+keeps elsewhere, such as MiKV's low-precision side store, charged to the pool in whole blocks so
+that the pool stays the one KV memory budget. Nothing is written to them; `free` returns them too.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class BlockManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         # Hashes of each sequence's committed full blocks, by sequence id.
         self.seq_block_hashes: dict[int, list[int]] = {}
+        # Blocks each sequence holds outside its block table, by sequence id.
+        self.side_blocks: dict[int, list[int]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -48,6 +54,11 @@ class BlockManager:
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self.free_blocks)
+
+    @property
+    def num_side_blocks(self) -> int:
+        """Blocks held outside block tables (included in num_used_blocks)."""
+        return sum(len(blocks) for blocks in self.side_blocks.values())
 
     @property
     def capacity_tokens(self) -> int:
@@ -207,7 +218,34 @@ class BlockManager:
         seq.num_cached_slots = num_slots
         return True
 
+    # -- side blocks ------------------------------------------------------------------------
+
+    def num_side_blocks_of(self, seq: Sequence) -> int:
+        return len(self.side_blocks.get(seq.seq_id, ()))
+
+    def hold_side_blocks(self, seq: Sequence, count: int) -> bool:
+        """Make the sequence hold exactly `count` side blocks, taking or returning the difference.
+
+        Returns False, changing nothing, when the pool lacks the blocks to grow.
+        """
+        held = self.side_blocks.get(seq.seq_id, [])
+        if count - len(held) > self.num_free_blocks:
+            return False
+        while len(held) < count:
+            block, _ = self.free_blocks.popitem(last=False)
+            self._forget_hash(block)  # it leaves the prefix cache like any block handed out
+            self.ref_counts[block] = 1
+            held.append(block)
+        while len(held) > count:
+            self._release(held.pop())
+        if held:
+            self.side_blocks[seq.seq_id] = held
+        else:
+            self.side_blocks.pop(seq.seq_id, None)
+        return True
+
     def free(self, seq: Sequence) -> None:
+        self.hold_side_blocks(seq, 0)
         for block in reversed(seq.block_table):
             self._release(block)
         seq.block_table = []

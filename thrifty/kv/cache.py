@@ -134,6 +134,12 @@ class KVCache:
         return sum(getattr(s, "residual_nbytes", 0) for s in self.stores)
 
     @property
+    def block_nbytes(self) -> int:
+        """Bytes one pool block holds across all layers (without kivi/gear's side store): the unit in
+        which memory kept outside the pool (MiKV's side store) is charged to it."""
+        return (self.nbytes - self.residual_nbytes) // self.num_blocks
+
+    @property
     def bytes_per_token(self) -> float:
         """Bytes a cached token takes in the block pool, across layers (without kivi/gear's side store)."""
         return (self.nbytes - self.residual_nbytes) / (self.num_blocks * self.block_size)

@@ -21,8 +21,10 @@ the same for every policy:
 - Demoting (MiKV): a policy that `demotes` has its evicted tokens quantized into a per-sequence
   low-precision side store (thrifty.kv.quant.lowbit) instead of dropped; attention reads them back
   next to the kept slots. Only tokens a compaction evicts go there, and compactions run after
-  speculative drafts are settled, so the store never holds a speculative token. It is dropped when
-  the sequence finishes or is preempted (the recomputation compresses, and demotes, again).
+  speculative drafts are settled, so the store never holds a speculative token. Its bytes are
+  charged to the pool as whole blocks the sequence holds outside its block table (`_charge`), so
+  `--kv-cache-tokens` / `--kv-cache-memory` bound it too. It is dropped, and its blocks returned,
+  when the sequence finishes or is preempted (the recomputation compresses, and demotes, again).
 - How: gather the kept K/V (and the policy's attention statistics) for every layer, let the
   block manager free the tail and swap shared prefix blocks for private ones (copy-on-write;
   the shared prefix is never written), then write the kept slots to the front.
@@ -122,6 +124,7 @@ class CompressionStats:
     evicted_slots: int = 0
     pinned: int = 0  # compactions that kept a shared prefix in place for want of blocks to copy it into
     demoted_slots: int = 0  # of the evicted slots, those kept in low precision instead of dropped
+    demoted_dropped: int = 0  # of the demoted slots, those dropped later because the pool had no room
 
 
 class KVCompressor:
@@ -208,7 +211,8 @@ class KVCompressor:
     def after_step(self, scheduled: list[ScheduledSequence]) -> None:
         """Called by the engine after each step: compress sequences at end of prefill or over budget."""
         self.kv_cache.sync(self.blocks, [item.seq for item in scheduled])  # a quantized cache seals full blocks
-        for seq in list(self._demoting):  # finished, aborted or preempted: its demoted tokens go
+        # finished, aborted or preempted: its demoted tokens go (their blocks went with BlockManager.free)
+        for seq in list(self._demoting):
             state = self._states.get(seq)
             if state is None or seq.is_finished or seq.num_computed_tokens < state.computed:
                 if state is not None:
@@ -386,6 +390,8 @@ class KVCompressor:
                 state.stats[layer] = stat.gather(-1, idx.to(stat.device).view(shape).expand(*stat.shape[:-1], budget))
         state.target = budget
         state.lengths = LayerLengths(tuple(sizes), budget) if min(sizes) < budget else None
+        if demotes:
+            self._charge(seq, state)  # after compact: the blocks it freed can hold the side store
         self.stats.compactions += 1
         self.stats.evicted_slots += n - budget
 
@@ -406,6 +412,25 @@ class KVCompressor:
             self._demoting.add(seq)
         state.demoted.append(keys, values)
         self.stats.demoted_slots += keys[0].shape[1]
+
+    def _charge(self, seq: Sequence, state: _SeqState) -> None:
+        """Hold ceil(side-store bytes / one pool block's bytes) blocks for the sequence outside its block table.
+
+        When the pool cannot give them, the oldest demoted tokens are dropped (evicted for good, as the
+        importance rule alone would have) until the store fits: demotion never exceeds the pool and never
+        preempts (a recomputed sequence would demote the same tokens again). The blocks the sequence needs
+        before its next compaction are left free, so a sequence alone in the pool always finishes; other
+        sequences short of blocks preempt as usual, and a preempted sequence's side store goes with it.
+        """
+        store, block_nbytes = state.demoted, self.kv_cache.block_nbytes
+        headroom = max(0, self.blocks.blocks_for(state.target + self.blocks.block_size) - len(seq.block_table))
+        room = self.blocks.num_side_blocks_of(seq) + max(0, self.blocks.num_free_blocks - headroom)
+        self.stats.demoted_dropped += store.drop_oldest(room * block_nbytes)
+        if store.num_tokens == 0:
+            state.demoted = None
+            self._demoting.discard(seq)
+        if not self.blocks.hold_side_blocks(seq, -(-store.nbytes // block_nbytes)):
+            raise RuntimeError("the side store found no blocks although it was cut to the free ones")
 
     def _merge(self, state: _SeqState, layer: int, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
                size: int, pinned: int, k_kept: torch.Tensor, v_kept: torch.Tensor) -> None:

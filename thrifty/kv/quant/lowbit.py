@@ -18,6 +18,8 @@ else: `nbytes` is the memory really in use.
 Per token, per layer and KV head: head_dim * bits / 8 bytes of key codes and as many of value codes,
 4 bytes of value scale and zero, 4 * head_dim / group bytes of key scales and zeros (group = the
 tokens demoted together, at most `group_size`); plus 4 bytes per token for the group map.
+
+The store can shed its oldest groups (`drop_oldest`) when the KV pool it is charged to runs short.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 import torch
 
 from thrifty.kv.quant.kivi import pack, quantize_asym, unpack
+
+_PER_GROUP = ("k_scale", "k_zero")  # indexed by key group; every other tensor by token
 
 
 class LowPrecisionTokens:
@@ -78,6 +82,28 @@ class LowPrecisionTokens:
         v = (unpack(held["v"], self.bits).float() * held["v_scale"].float()[..., None]
              + held["v_zero"].float()[..., None])
         return k.to(dtype), v.to(dtype)
+
+    def drop_oldest(self, max_bytes: int) -> int:
+        """Drop the oldest key groups (the tokens demoted first) until `nbytes <= max_bytes` (>= 0);
+        returns how many tokens went."""
+        if self.nbytes <= max_bytes:
+            return 0
+        counts = torch.bincount(self.group_of.long(), minlength=self.num_groups)  # tokens per group
+        group_bytes = sum(parts[name].nbytes for parts in self.layers for name in _PER_GROUP) // self.num_groups
+        token_bytes = (self.nbytes - group_bytes * self.num_groups) // self.num_tokens
+        left = self.nbytes - torch.cumsum(counts * token_bytes + group_bytes, 0)  # after dropping groups 0..i
+        groups = int((left > max_bytes).sum()) + 1
+        tokens = int(counts[:groups].sum())
+        if groups == self.num_groups:
+            self.layers = [{} for _ in range(self.num_layers)]
+            self.group_of = None
+        else:  # clone: a slice would keep the dropped tokens' memory alive
+            self.layers = [{name: t[:, groups if name in _PER_GROUP else tokens:].clone()
+                            for name, t in parts.items()} for parts in self.layers]
+            self.group_of = self.group_of[tokens:] - groups
+        self.num_tokens -= tokens
+        self.num_groups -= groups
+        return tokens
 
     @property
     def nbytes(self) -> int:
