@@ -19,7 +19,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--weights", default="fp32", choices=["auto", "gguf", "int8", "int4", "bf16", "fp32"],
                    help="run format of matmul weights: auto picks the fastest that keeps quality on this CPU; "
-                        "gguf keeps 4-bit GGUF blocks as int4; fp32 (default) is exact and batch-invariant")
+                        "gguf keeps 4-bit GGUF blocks as int4; fp32 (default) is exact, and keeps a second, "
+                        "oneDNN-blocked copy of each weight for prefill and verify steps")
     g.add_argument("--max-model-len", type=int, help="context window to use (default: the model's)")
     g.add_argument("--kv-cache-tokens", type=int, help="KV pool size in tokens")
     g.add_argument("--kv-cache-memory", help="KV pool size in bytes, e.g. 512MiB (instead of --kv-cache-tokens)")
