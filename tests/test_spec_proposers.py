@@ -78,6 +78,21 @@ def test_history_pair_table_keeps_the_most_recently_written_pairs():
     assert proposer.propose(seq_of([8, 1]), 1).token_ids == [7]
 
 
+
+def test_history_pool_goes_back_to_a_snapshot_or_to_empty():
+    proposer = HistoryProposer(branching=(1,), width=1)
+    rows = torch.eye(10)
+    proposer.observe([1], rows[[5]], [8])  # (8, 1) -> 5
+    snapshot = proposer.snapshot()
+    proposer.observe([1], rows[[7]], [8])  # rewritten after the snapshot -> 7
+    proposer.observe([2], rows[[3]], [8])  # learned after it
+    assert proposer.propose(seq_of([8, 1]), 1).token_ids == [7]
+    proposer.restore(snapshot)
+    assert proposer.propose(seq_of([8, 1]), 1).token_ids == [5]
+    assert proposer.propose(seq_of([8, 2]), 1) is None
+    proposer.restore()
+    assert proposer.propose(seq_of([8, 1]), 1) is None
+
 def test_adaptive_length_falls_back_when_drafts_are_rejected():
     cost = StepCostModel()
     for tokens in (1, 4, 8) * 5:

@@ -4,6 +4,10 @@ Three workloads: editing/summarising a given text, code edits, open chat (ShareG
 turns). Each repeat runs every prompt (or group of `--batch` prompts) plainly and then with
 each proposer, on one engine; speedups are ratios of a repeat's summed wall times, and the
 report gives the median over repeats. Greedy outputs are checked to be identical to plain decoding.
+The history pool, shared by all requests, is reset before each of its runs: it would otherwise
+draft the output it watched the plain run (and earlier repeats) produce for the same prompt. It
+restarts empty, or with `--history-warmup N` from what it learned serving N other ShareGPT
+prompts (never the measured ones), as a server's pool would have.
 """
 
 from __future__ import annotations
@@ -109,6 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--history-warmup", type=int, default=0, metavar="N",
+                        help="the history pool starts each run from what it learned on N other ShareGPT "
+                             "prompts (default 0: empty)")
 
 
 def _run(llm, prompts: list[str], method: str, batch: int, max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -138,6 +145,15 @@ def run(args: argparse.Namespace) -> None:
         # run reads each prompt and the proposers after it find it cached, which favours them.
         _run(llm, prompts, "off", args.batch, 1)
 
+    history_start = None  # the pool each history run starts from
+    if "history" in proposers and args.history_warmup:
+        picked = chat_prompts(args.num_prompts + args.history_warmup, args.seed, llm.tokenizer)
+        others = [p for p in picked[args.num_prompts:] if p not in picked[:args.num_prompts]]  # ShareGPT repeats some
+        llm.engine.speculator.proposer("history").restore()
+        _run(llm, [llm.render_chat([{"role": "user", "content": p}]) for p in others], "off", args.batch,
+             args.max_tokens)
+        history_start = llm.engine.speculator.proposer("history").snapshot()
+
     results = []
     for name, prompts in workloads.items():
         ratios: dict[str, list[float]] = {p: [] for p in proposers}
@@ -156,6 +172,10 @@ def run(args: argparse.Namespace) -> None:
                 repeat_time["off"] += plain_time
                 num_tokens += sum(len(t) for t in plain_ids)
                 for proposer in proposers:
+                    if proposer == "history":
+                        # The shared pool has just watched the plain run produce this very output (and
+                        # earlier repeats too), so it would draft from memory.
+                        llm.engine.speculator.proposer("history").restore(history_start)
                     before = llm.engine.stats()
                     seconds, ids = _run(llm, group, proposer, args.batch, args.max_tokens)
                     after = llm.engine.stats()

@@ -16,6 +16,8 @@ import torch
 from thrifty.engine.sequence import Sequence
 from thrifty.spec.draft import Draft, PerSequenceProposer
 
+PoolSnapshot = tuple[dict[int, list[int]], dict[tuple[int, int], list[int]]]
+
 
 class HistoryProposer(PerSequenceProposer):
     name = "history"
@@ -51,6 +53,16 @@ class HistoryProposer(PerSequenceProposer):
                 break
             frontier = level
         return Draft(tokens, parents, self.name) if tokens else None
+
+    def snapshot(self) -> PoolSnapshot:
+        # Shallow copies suffice: observe replaces candidate lists, it never edits one.
+        return dict(self.next_tokens), dict(self.next_after_pair)
+
+    def restore(self, snapshot: PoolSnapshot | None = None) -> None:
+        """Go back to a snapshot of the pool, or to an empty pool (benchmarks: a pool that has not
+        watched the measured requests' outputs being produced)."""
+        tokens, pairs = snapshot if snapshot is not None else ({}, {})
+        self.next_tokens, self.next_after_pair = dict(tokens), dict(pairs)
 
     def observe(self, token_ids: list[int], logits: torch.Tensor, preceding: list[int | None]) -> None:
         top = torch.topk(logits, self.width, dim=-1).indices.tolist()
