@@ -29,7 +29,7 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
 # A float32 matmul on the CPU of one or two rows runs as W @ x^T: F.linear (x @ W^T) takes a path
 # that reads the weight 1.3-3x slower there, and a single row (matrix-vector) 3x slower still, so
 # one row is padded to two. From three rows on, oneDNN's matmul on a copy of the weight reordered
-# into its blocked layout wins, by 1.1x at 3 rows, 1.7-1.9x at 8-16 and 1.3x at 512 (whole
+# into its blocked layout wins, by 1.3-1.5x at 3-4 rows, 2x at 8-16 and 1.3x at 512 (whole
 # SmolLM2-135M step, 2-core AVX-512, torch 2.13; scripts/bench_fp32_matmul.py): those are the
 # verify steps of speculative decoding and prefill chunks.
 _BLOCKED_FP32_ROWS = 3
