@@ -93,3 +93,16 @@ def test_compile_with_a_quantized_kv_cache_is_refused(tiny_llama_gguf):
 
     with pytest.raises(InvalidRequestError, match="compile"):
         make_tiny_llm(tiny_llama_gguf, compile=True, kv_cache_dtype="int8")
+
+
+def test_compile_also_compiles_the_model_drafters(tiny_llama_gguf):
+    """A drafter's passes are plain decoding steps of a small model, so --compile covers them too."""
+    from thrifty.engine.compiled_decode import CompiledDecode
+
+    eager = _generate(make_tiny_llm(tiny_llama_gguf), batched=True)
+    llm = make_tiny_llm(tiny_llama_gguf, compile=True, speculative_adaptive=False, num_speculative_tokens=3)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, speculative="layerskip")
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == eager
+    drafter = llm.engine.speculator.proposers["layerskip"]
+    assert isinstance(drafter.runner.decode_body, CompiledDecode) and drafter.runner.decode_body.error is None
+    assert llm.engine.stats()["spec_layerskip_draft_tokens"] > 0

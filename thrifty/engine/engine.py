@@ -189,7 +189,10 @@ class LLMEngine:
         num_blocks = max(1, self.config.speculative_draft_kv_tokens // self.config.block_size)
         target_kv = None if mirrored_layers is None else TargetKV(self.kv_cache.layers, self.block_manager,
                                                                   mirrored_layers)
-        return ModelDrafter(name, model, num_blocks, self.config.block_size, self.dtype, self.device, target_kv)
+        drafter = ModelDrafter(name, model, num_blocks, self.config.block_size, self.dtype, self.device, target_kv)
+        if self.config.compile:  # a drafter's passes are plain decoding steps of a small model: overhead-bound
+            drafter.runner.compile_decode()
+        return drafter
 
     def _draft_model_drafter(self) -> ModelDrafter:
         """The `draft` proposer: a separate model (by default the target's file in a cheaper run format)."""

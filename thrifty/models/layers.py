@@ -188,6 +188,10 @@ class RMSNorm(WeightModule):
         self.weight = _param(dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One call instead of six small ops, with the same float32 arithmetic bit for bit.
+            scale = 1.0 + self.weight if self.unit_offset else self.weight
+            return F.rms_norm(x, (x.shape[-1],), scale, self.eps)
         normed = x.float()
         normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
@@ -245,7 +249,10 @@ def _yarn_inv_freq(head_dim: int, theta: float, scaling: RopeScaling, original: 
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions, in Hugging Face's half-rotation layout ([T, head_dim])."""
+    """cos and signed sin tables for positions, in Hugging Face's half-rotation layout ([T, head_dim]).
+
+    The sin table's first half is negated (`apply_rotary` rotates by rolling, which does not negate).
+    """
 
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None, max_position: int,
                  device: torch.device) -> None:
@@ -263,16 +270,19 @@ class RotaryEmbedding(nn.Module):
                 inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, self.max_position,
                                          seq_len)[0].to(positions.device)
         freqs = positions[:, None].float() * inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return ((angles.cos() * self.attention_factor).to(dtype),
-                (angles.sin() * self.attention_factor).to(dtype))
+        cos = (torch.cat((freqs, freqs), dim=-1).cos() * self.attention_factor).to(dtype)
+        sin = (freqs.sin() * self.attention_factor).to(dtype)
+        return cos, torch.cat((-sin, sin), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by the per-token angles (cos/sin [T, head_dim])."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by the per-token angles (cos and signed sin [T, head_dim]).
+
+    Hugging Face's x * cos + [-x2, x1] * sin, as x * cos + [x2, x1] * [-sin, sin]: the same
+    products bit for bit, in three ops instead of five.
+    """
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return x * cos[:, None, :] + rolled * signed_sin[:, None, :]
 
 
 class GatedMLP(nn.Module):
@@ -328,7 +338,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True, dtype=dtype, device=device)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True, dtype=dtype, device=device)
         self.qkv_proj: Linear | None = None
-        self.qkv_sizes = (q_dim, kv_dim, kv_dim)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
@@ -351,15 +360,17 @@ class Attention(nn.Module):
             raise RuntimeError("the model has no KV cache; call bind_kv_cache() before running it")
         tokens = x.shape[0]
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+            qkv = self.qkv_proj(x)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(tokens, self.num_heads, self.head_dim)
-        k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        heads = qkv.reshape(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        v = heads[:, self.num_heads + self.num_kv_heads:]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = apply_rotary(self.q_norm(heads[:, :self.num_heads]), cos, sin)
+            k = apply_rotary(self.k_norm(heads[:, self.num_heads:self.num_heads + self.num_kv_heads]), cos, sin)
+        else:  # queries and keys side by side: one rotation for both
+            qk = apply_rotary(heads[:, :self.num_heads + self.num_kv_heads], cos, sin)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         if isinstance(meta, DecodeMetadata):
             if self.softcap is not None:
                 raise ValueError("attention logit soft-capping needs AttentionMetadata, not DecodeMetadata")
