@@ -131,6 +131,22 @@ def test_cost_model_separates_a_drafted_sequences_fixed_cost_and_the_controller_
     assert control.draft_length(seq, 5, 1, 1) > 0
 
 
+def test_a_drafters_passes_are_priced_by_the_sequences_sharing_them():
+    """In a batch of B a draft must buy B tokens' worth of time: a draft model's pass that pays at
+    batch 1, or when all B sequences share it, does not pay for one sequence drafting alone."""
+    cost = StepCostModel()
+    for _ in range(20):
+        cost.record(4, 1.0)  # plain steps of a batch of four: 1 s
+    control = AdaptiveDraftLength(cost, probe_drafts=0)
+    seq = seq_of([1, 2, 3])
+    for _ in range(10):
+        control.update(seq, 5, 5)  # nearly always accepted
+    pass_seconds = 0.5  # one draft pass: half a step
+    assert control.draft_length(seq, 5, 1, 1, pass_seconds) > 0
+    assert control.draft_length(seq, 5, 4, 4, pass_seconds, sharing=4) > 0
+    assert control.draft_length(seq, 5, 4, 4, pass_seconds, sharing=1) == 0
+
+
 def test_speculator_feeds_the_cost_model_decode_steps_only():
     from thrifty.engine.scheduler import ScheduledSequence
     from thrifty.spec.speculator import Speculator

@@ -8,11 +8,13 @@ drafted sequence attends on its own with a tree mask, so one draft token may cos
 than b. With per-token acceptance alpha, drafting k tokens yields
 E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens this step for this sequence but makes the whole
 step slower for all B decoding sequences, and drafting itself costs s per draft token (a draft
-model's forward pass; zero for lookups) plus a fixed d of host work (proposing, verifying,
-rolling back); batch throughput rises exactly when
-E(k) - 1 > (B*(b*k + c) + s*k + d) / (a + b*T). The controller picks the k with the largest
-margin, and k = 0 (plain decoding) when no k clears a small safety margin: that is the
-fallback. Each proposer also keeps a slower running acceptance over all its sequences: a new
+model's forward pass, shared by the m sequences drafting with it in the same step; zero for
+lookups) plus a fixed d of host work (proposing, verifying, rolling back). The step then yields
+B + E(k) - 1 tokens instead of B for (b*k + c + s*k/m + d) more seconds, so batch throughput
+rises exactly when E(k) - 1 > B*(b*k + c + s*k/m + d) / (a + b*T): in a batch a draft must buy
+B tokens' worth of time, which is why speculation pays less as batches grow. The controller
+picks the k with the largest margin, and k = 0 (plain decoding) when no k clears a small safety
+margin: that is the fallback. Each proposer also keeps a slower running acceptance over all its sequences: a new
 sequence starts from it, and a sequence that stopped drafting drifts back towards its own
 history shrunk towards it (not towards an optimistic fixed prior), so probing again is only as
 frequent as the record warrants.
@@ -122,8 +124,10 @@ class AdaptiveDraftLength:
         return s.accepted / (s.accepted + s.rejected)
 
     def draft_length(self, seq: Sequence, max_tokens: int, num_decoding: int, batch_tokens: int,
-                     seconds_per_token: float = 0.0, seconds_per_draft: float = 0.0, proposer: str = "") -> int:
-        """Best k in [0, max_tokens] for this sequence in a batch of `num_decoding` sequences."""
+                     seconds_per_token: float = 0.0, seconds_per_draft: float = 0.0, proposer: str = "",
+                     sharing: int = 1) -> int:
+        """Best k in [0, max_tokens] for this sequence in a batch of `num_decoding` sequences, of
+        which `sharing` (this one included) draft with the same proposer's passes this step."""
         alpha = min(self.acceptance(seq, proposer), 0.99)
         a, b, c = self.cost.coefficients()
         step = a + b * max(batch_tokens, 1)
@@ -132,7 +136,7 @@ class AdaptiveDraftLength:
         expected = 1.0
         for k in range(1, max_tokens + 1):
             expected += alpha ** k
-            extra = num_decoding * (b * k + c) + seconds_per_token * k + seconds_per_draft
+            extra = num_decoding * (b * k + c + seconds_per_token * k / max(sharing, 1) + seconds_per_draft)
             margin = (expected - 1) - extra / step
             if margin > best_margin:
                 best_k, best_margin = k, margin

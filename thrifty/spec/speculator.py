@@ -93,6 +93,8 @@ class Speculator:
             seq.draft = None
         groups: dict[str, tuple[list[Sequence], list[int]]] = defaultdict(lambda: ([], []))
         dry: dict[str, tuple[list[Sequence], list[int]]] = defaultdict(lambda: ([], []))
+        # Sequences the controller decides for: (sequence, cap, seconds per draft token, per draft)
+        candidates: dict[str, list[tuple[Sequence, int, float, float]]] = defaultdict(list)
         for seq in decoding:
             method = self._method(seq)
             if method is None:
@@ -112,19 +114,11 @@ class Speculator:
             per_token, per_draft = self._draft_costs(method)
             # A drafter's one-off catch-up (reading the prompt) is paid back over the tokens still to come.
             per_draft += proposer.pending_seconds(seq) / max(to_come, 1)
-            k = self.adaptive.draft_length(seq, limit, len(decoding), len(decoding),
-                                           per_token, per_draft, proposer=method)
-            if k > 0:
-                self._dry.pop(seq, None)  # a real draft supersedes the dry one
-                groups[method][0].append(seq)
-                groups[method][1].append(k)
-            elif seq in self._dry:
-                continue  # a dry draft is still being scored: that is this step's evidence
-            elif proposer.drafts_for_free:
-                dry[method][0].append(seq)
-                dry[method][1].append(limit)
-            else:
-                self.adaptive.idle(seq, method)
+            candidates[method].append((seq, limit, per_token, per_draft))
+        for method, asked in candidates.items():
+            proposer = self.proposer(method)
+            for (seq, limit, _, _), k in zip(asked, self._draft_lengths(method, asked, len(decoding))):
+                self._settle_length(method, proposer, seq, limit, k, groups, dry)
         for method, (seqs, limits) in groups.items():
             proposer = self.proposer(method)
             started = time.perf_counter()
@@ -149,6 +143,39 @@ class Speculator:
                 else:
                     self._dry[seq] = _DryDraft(draft)
                     adaptive.begin_dry_draft(seq, method)
+
+    def _draft_lengths(self, method: str, asked: list[tuple[Sequence, int, float, float]],
+                       num_decoding: int) -> list[int]:
+        """The controller's k for each sequence asking `method`. A drafter's passes are shared by the
+        sequences that draft in the same step, so each pays a share: first assuming all of them
+        draft, then again with only those that would, until the count holds (it only shrinks)."""
+        assert self.adaptive is not None
+        sharing = len(asked)
+        while True:
+            lengths = [self.adaptive.draft_length(seq, limit, num_decoding, num_decoding, per_token, per_draft,
+                                                  proposer=method, sharing=sharing)
+                       for seq, limit, per_token, per_draft in asked]
+            drafting = sum(1 for k in lengths if k > 0)
+            if drafting in (0, sharing):
+                return lengths
+            sharing = drafting
+
+    def _settle_length(self, method: str, proposer: Proposer, seq: Sequence, limit: int, k: int,
+                       groups: dict[str, tuple[list[Sequence], list[int]]],
+                       dry: dict[str, tuple[list[Sequence], list[int]]]) -> None:
+        """File `seq` under this step's drafts (k > 0), its dry drafts, or idle."""
+        assert self.adaptive is not None
+        if k > 0:
+            self._dry.pop(seq, None)  # a real draft supersedes the dry one
+            groups[method][0].append(seq)
+            groups[method][1].append(k)
+        elif seq in self._dry:
+            return  # a dry draft is still being scored: that is this step's evidence
+        elif proposer.drafts_for_free:
+            dry[method][0].append(seq)
+            dry[method][1].append(limit)
+        else:
+            self.adaptive.idle(seq, method)
 
     def record_step(self, scheduled: list[ScheduledSequence], seconds: float) -> None:
         """Time of one forward pass, for the cost model: decode-only steps only (see adaptive.py)."""
