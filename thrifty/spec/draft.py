@@ -91,7 +91,8 @@ class Proposer(Protocol):
         ...
 
     def observe(self, token_ids: list[int], logits: torch.Tensor, preceding: list[int | None]) -> None:
-        """Learn from a step: logits [len(token_ids), vocab] of the tokens that were fed in.
+        """Learn from a step: logits [len(token_ids), vocab] of the tokens that were fed in, every
+        sequence's rows of the step together (one call per step, so a pool can batch its work).
 
         `preceding[i]` is the token before token_ids[i] on its own path (a draft node's parent;
         None before the first token of a sequence).

@@ -199,15 +199,20 @@ class Speculator:
             for i, token, logprob in zip(plain, tokens, logprobs):
                 results[i] = ([token], [logprob])
                 self._score_dry_draft(items[i].seq, token)
-        for i, item in enumerate(items):
+        fed_all: list[int] = []  # every row's input token and the token before it, for the shared pools
+        preceding_all: list[int | None] = []
+        for item in items:
             seq, draft = item.seq, item.draft
             fed = [seq.token_ids[-1]] + (draft.token_ids if draft else [])
-            preceding = [seq.token_ids[-2] if len(seq.token_ids) > 1 else None]
-            preceding += [fed[parent] for parent in draft.parents] if draft else []
-            rows = logits[starts[i]:starts[i] + len(fed)]
-            for proposer in self.proposers.values():  # shared pools learn from every sequence, speculating or not
-                proposer.observe(fed, rows, preceding)
+            fed_all += fed
+            preceding_all.append(seq.token_ids[-2] if len(seq.token_ids) > 1 else None)
+            preceding_all += [fed[parent] for parent in draft.parents] if draft else []
+        for proposer in self.proposers.values():  # shared pools learn from every sequence, speculating or not
+            proposer.observe(fed_all, logits[:row], preceding_all)  # one call for the step's rows
+        for i, item in enumerate(items):
+            seq, draft = item.seq, item.draft
             if draft is not None:
+                rows = logits[starts[i]:starts[i] + 1 + len(draft)]
                 started = time.perf_counter()
                 verdict = verify(draft, rows, seq, self.eos_token_ids)
                 item.accepted_path = verdict.path
