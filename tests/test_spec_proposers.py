@@ -147,6 +147,57 @@ def test_a_drafters_passes_are_priced_by_the_sequences_sharing_them():
     assert control.draft_length(seq, 5, 4, 4, pass_seconds, sharing=1) == 0
 
 
+def test_drafted_steps_cost_is_kept_through_plain_decoding_and_fitted_without_clipping():
+    """Drafted steps that cost less than b's prior implies are fitted with c = 0 (not clipped after
+    the fit, which overstated them), and a long spell of plain steps does not fade them away."""
+    cost = StepCostModel()
+    for _ in range(10):
+        cost.record(1, 1.0)
+        cost.record(6, 1.1, 1)  # five extra rows cost 0.1 s, below the prior's b = 0.1 a per row
+    for _ in range(200):
+        cost.record(1, 1.0)
+    a, b, c = cost.coefficients()
+    assert c == 0.0
+    assert abs(a + b - 1.0) < 0.01 and abs(a + 6 * b - 1.1) < 0.02
+
+
+def test_drafts_accepted_in_runs_are_drafted_longer_than_one_per_token_rate_implies():
+    cost = StepCostModel()
+    for _ in range(20):
+        cost.record(1, 1.0)
+    control = AdaptiveDraftLength(cost, probe_drafts=0)
+    seq = seq_of([1, 2, 3])
+    for _ in range(10):  # whole drafts accepted, or rejected at their first token
+        control.update(seq, 5, 5, "runs")
+        control.update(seq, 0, 5, "runs")
+    assert 0.7 < control.acceptance(seq, "runs") < 0.9
+    # A proposer with no record of its own draft depths falls back to the per-token rate.
+    assert control.draft_length(seq, 5, 1, 1, 0.5, proposer="runs") == 5
+    assert control.draft_length(seq, 5, 1, 1, 0.5, proposer="geometric") < 5
+
+
+def test_an_idle_proposer_is_probed_again_less_often_after_each_failed_probe():
+    cost = StepCostModel()
+    for _ in range(20):
+        cost.record(1, 1.0)
+    control = AdaptiveDraftLength(cost, probe_drafts=0, reprobe_after=4)
+    seq = seq_of([1, 2, 3])
+    for _ in range(10):
+        control.update(seq, 0, 5, "draft")  # never accepted
+
+    def decisions_until_a_probe() -> int:
+        for n in range(1, 100):
+            if control.draft_length(seq, 5, 1, 1, 0.5, proposer="draft") > 0:
+                return n
+        return 0
+
+    assert decisions_until_a_probe() == 5  # four idle decisions, then a probe
+    control.update(seq, 0, 1, "draft")  # it failed
+    assert decisions_until_a_probe() == 9
+    control.update(seq, 1, 1, "draft")  # this one had its token accepted: back to the first wait
+    assert decisions_until_a_probe() == 5
+
+
 def test_speculator_feeds_the_cost_model_decode_steps_only():
     from thrifty.engine.scheduler import ScheduledSequence
     from thrifty.spec.speculator import Speculator
