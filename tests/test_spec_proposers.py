@@ -138,13 +138,20 @@ def test_a_drafters_passes_are_priced_by_the_sequences_sharing_them():
     for _ in range(20):
         cost.record(4, 1.0)  # plain steps of a batch of four: 1 s
     control = AdaptiveDraftLength(cost, probe_drafts=0)
-    seq = seq_of([1, 2, 3])
-    for _ in range(10):
-        control.update(seq, 5, 5)  # nearly always accepted
+    good = [seq_of([1, 2, 3]) for _ in range(4)]
+    for seq in good:
+        for _ in range(10):
+            control.update(seq, 5, 5)  # nearly always accepted
+    poor = [seq_of([4, 5]) for _ in range(3)]
+    for seq in poor:
+        for _ in range(10):
+            control.update(seq, 0, 5)  # never accepted
     pass_seconds = 0.5  # one draft pass: half a step
-    assert control.draft_length(seq, 5, 1, 1, pass_seconds) > 0
-    assert control.draft_length(seq, 5, 4, 4, pass_seconds, sharing=4) > 0
-    assert control.draft_length(seq, 5, 4, 4, pass_seconds, sharing=1) == 0
+    assert control.draft_length(good[0], 5, 1, 1, pass_seconds) > 0
+    assert all(k > 0 for k in control.draft_lengths([(seq, 5, pass_seconds, 0.0) for seq in good], 4))
+    # With the other three not drafting, the one good sequence would pay the passes alone.
+    alone = control.draft_lengths([(seq, 5, pass_seconds, 0.0) for seq in good[:1] + poor], 4)
+    assert alone == [0, 0, 0, 0]
 
 
 def test_drafted_steps_cost_is_kept_through_plain_decoding_and_fitted_without_clipping():

@@ -11,9 +11,10 @@ j-th draft token is accepted once the ones before it were, counted over all its 
 Acceptance comes in runs (a draft model agrees for a whole phrase, then not), so rj grows with
 j: the geometric E(k) of one per-token rate (rj = r1) expects at most 2.86 tokens accepted of 5
 at a rate of 0.82 where a draft model on chat had 3.95, and switched off drafts that paid
-(1.27x on chat with the controller off, 1.0x with it on). Drafting makes the whole step slower for all B decoding sequences, and drafting itself costs s per draft token (a draft
-model's forward pass, shared by the m sequences drafting with it in the same step; zero for
-lookups) plus a fixed d of host work (proposing, verifying, rolling back). The step then yields
+(1.27x on chat with the controller off, 1.0x with it on). Drafting makes the whole step slower
+for all B decoding sequences, and drafting itself costs s per draft token (a draft model's
+forward pass, shared by the m sequences drafting with it in the same step; zero for lookups)
+plus a fixed d of host work (proposing, verifying, rolling back). The step then yields
 B + E(k) - 1 tokens instead of B for (b*k + c + s*k/m + d) more seconds, so batch throughput
 rises exactly when E(k) - 1 > B*(b*k + c + s*k/m + d) / (a + b*T): in a batch a draft must buy
 B tokens' worth of time, which is why speculation pays less as batches grow. The controller
@@ -146,28 +147,55 @@ class AdaptiveDraftLength:
         return s.accepted / (s.accepted + s.rejected)
 
     def draft_length(self, seq: Sequence, max_tokens: int, num_decoding: int, batch_tokens: int,
-                     seconds_per_token: float = 0.0, seconds_per_draft: float = 0.0, proposer: str = "",
-                     sharing: int = 1) -> int:
-        """Best k in [0, max_tokens] for this sequence in a batch of `num_decoding` sequences, of
-        which `sharing` (this one included) draft with the same proposer's passes this step."""
+                     seconds_per_token: float = 0.0, seconds_per_draft: float = 0.0, proposer: str = "") -> int:
+        """Best k in [0, max_tokens] for one sequence drafting alone in a batch of `num_decoding`."""
+        return self.draft_lengths([(seq, max_tokens, seconds_per_token, seconds_per_draft)], num_decoding,
+                                  proposer, batch_tokens)[0]
+
+    def draft_lengths(self, asked: list[tuple[Sequence, int, float, float]], num_decoding: int,
+                      proposer: str = "", batch_tokens: int | None = None) -> list[int]:
+        """Best k for each (sequence, max tokens, seconds per draft token, seconds per draft) asking
+        `proposer` in a batch of `num_decoding` sequences (`batch_tokens` rows, default one each).
+
+        A drafter's passes are shared by the sequences that draft in the same step, so each pays a
+        share: first assuming all of them draft, then again with only those that would, until the
+        count holds (it only shrinks). A due re-probe makes the first sequence draft regardless.
+        """
+        initial = self._proposer_drafts.get(proposer, 0) < self.probe_drafts
+        idle = self._idle_decisions.get(proposer, 0)
+        reprobe = not initial and idle >= self._wait.get(proposer, self.reprobe_after)
+        rows = num_decoding if batch_tokens is None else batch_tokens
+        sharing = len(asked)
+        while True:
+            lengths = [self._best_length(seq, limit, num_decoding, rows, per_token / sharing, per_draft, proposer,
+                                         probing=initial or (reprobe and i == 0))
+                       for i, (seq, limit, per_token, per_draft) in enumerate(asked)]
+            drafting = sum(1 for k in lengths if k > 0)
+            if drafting in (0, sharing):
+                break
+            sharing = drafting
+        if reprobe:
+            self._reprobing.add(proposer)
+        for k in lengths:
+            idle = 0 if k else idle + 1
+        self._idle_decisions[proposer] = idle
+        return lengths
+
+    def _best_length(self, seq: Sequence, max_tokens: int, num_decoding: int, batch_tokens: int,
+                     seconds_per_token: float, seconds_per_draft: float, proposer: str, probing: bool) -> int:
+        """The k with the largest margin (any k when probing; none below `min_gain` otherwise)."""
         alpha = min(self.acceptance(seq, proposer), 0.99)
         a, b, c = self.cost.coefficients()
         step = a + b * max(batch_tokens, 1)
-        probing = self._proposer_drafts.get(proposer, 0) < self.probe_drafts
-        idle = self._idle_decisions.get(proposer, 0)
-        if not probing and idle >= self._wait.get(proposer, self.reprobe_after):
-            probing = True
-            self._reprobing.add(proposer)
         best_k, best_margin = 0, -float("inf") if probing else self.min_gain
         expected, reach = 1.0, 1.0
         for k in range(1, max_tokens + 1):
             reach *= alpha if k == 1 else self._continuation(proposer, k, alpha)
             expected += reach
-            extra = num_decoding * (b * k + c + seconds_per_token * k / max(sharing, 1) + seconds_per_draft)
+            extra = num_decoding * (b * k + c + seconds_per_token * k + seconds_per_draft)
             margin = (expected - 1) - extra / step
             if margin > best_margin:
                 best_k, best_margin = k, margin
-        self._idle_decisions[proposer] = 0 if best_k else idle + 1
         return best_k
 
     def _continuation(self, proposer: str, depth: int, alpha: float) -> float:

@@ -115,9 +115,10 @@ class Speculator:
             # A drafter's one-off catch-up (reading the prompt) is paid back over the tokens still to come.
             per_draft += proposer.pending_seconds(seq) / max(to_come, 1)
             candidates[method].append((seq, limit, per_token, per_draft))
-        for method, asked in candidates.items():
+        for method, asked in candidates.items():  # only filled when the controller is on
+            assert self.adaptive is not None
             proposer = self.proposer(method)
-            for (seq, limit, _, _), k in zip(asked, self._draft_lengths(method, asked, len(decoding))):
+            for (seq, limit, _, _), k in zip(asked, self.adaptive.draft_lengths(asked, len(decoding), method)):
                 self._settle_length(method, proposer, seq, limit, k, groups, dry)
         for method, (seqs, limits) in groups.items():
             proposer = self.proposer(method)
@@ -143,22 +144,6 @@ class Speculator:
                 else:
                     self._dry[seq] = _DryDraft(draft)
                     adaptive.begin_dry_draft(seq, method)
-
-    def _draft_lengths(self, method: str, asked: list[tuple[Sequence, int, float, float]],
-                       num_decoding: int) -> list[int]:
-        """The controller's k for each sequence asking `method`. A drafter's passes are shared by the
-        sequences that draft in the same step, so each pays a share: first assuming all of them
-        draft, then again with only those that would, until the count holds (it only shrinks)."""
-        assert self.adaptive is not None
-        sharing = len(asked)
-        while True:
-            lengths = [self.adaptive.draft_length(seq, limit, num_decoding, num_decoding, per_token, per_draft,
-                                                  proposer=method, sharing=sharing)
-                       for seq, limit, per_token, per_draft in asked]
-            drafting = sum(1 for k in lengths if k > 0)
-            if drafting in (0, sharing):
-                return lengths
-            sharing = drafting
 
     def _settle_length(self, method: str, proposer: Proposer, seq: Sequence, limit: int, k: int,
                        groups: dict[str, tuple[list[Sequence], list[int]]],
