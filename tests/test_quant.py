@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from thrifty.loading.weights import QuantizedWeight
+from thrifty.quant import packed
 from thrifty.quant.formats import resolve_choice, weight_format
-from thrifty.quant.packed import DENSE_ROWS, BF16Weight, Int4Weight, Int8Weight, concat, pack
+from thrifty.quant.packed import (
+    DENSE_ROWS,
+    BF16Weight,
+    Int4Weight,
+    Int8Weight,
+    concat,
+    pack,
+)
 
 N, K = 48, 96  # int4 wants N % 16 == 0 and K % 32 == 0
 
@@ -55,6 +63,29 @@ def test_concat_stacks_outputs_and_mixes_formats():
         expected = torch.cat([p.linear(x) for p in parts], dim=-1)
         assert fused.out_features == 2 * N
         torch.testing.assert_close(fused.linear(x), expected, atol=0.05 * float(expected.abs().max()), rtol=0)
+
+
+needs_vnni = pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="the int8 GEMM path needs VNNI")
+
+
+@needs_vnni
+def test_int8_gemm_path_is_precise_and_batch_invariant(monkeypatch):
+    monkeypatch.setattr(packed, "INT8_GEMM_MIN_OUT", N)  # send this small weight down the vocabulary-head path
+    w = weight(7)
+    head, plain = Int8Weight.from_float(w), Int8Weight.from_float(weight(7))
+    assert head._gemm is not None
+    torch.testing.assert_close(head.q, Int8Weight(plain.q, plain.scale).q)  # unpacked codes are the codes
+    x = torch.randn(packed.INT8_GEMM_ROWS, K, generator=torch.Generator().manual_seed(8)) * 3
+    reference = x @ head.dequantize().t()
+    out = head.linear(x)
+    # Activations kept to about 16 bits per row: far inside the bfloat16 kernel's 1%.
+    assert float((out - reference).abs().max()) < 1e-3 * float(reference.abs().max())
+    for i in (0, 5, packed.INT8_GEMM_ROWS - 1):  # exact integer sums: a row's result ignores its batch
+        assert torch.equal(head.linear(x[i:i + 1])[0], out[i])
+    wide = torch.randn(packed.INT8_GEMM_ROWS + 3, K)  # above the row limit: the dense bfloat16 path
+    expected = wide @ head.dequantize().t()
+    assert float((head.linear(wide) - expected).abs().max()) < 0.02 * float(expected.abs().max())
+    assert torch.equal(head.linear(torch.zeros(2, K)), torch.zeros(2, N))  # an all-zero row stays finite
 
 
 def test_int4_falls_back_to_int8_for_shapes_its_kernel_cannot_take():

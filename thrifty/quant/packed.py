@@ -4,10 +4,13 @@ Decode multiplies a few rows by every weight, so it is bound by the bytes of wei
 the int8 and int4 formats run PyTorch's weight-only CPU kernels on bfloat16 activations.
 Prefill multiplies many rows, so it is bound by matmul throughput: the weight is expanded
 to bfloat16 for that one call and oneDNN's bfloat16 GEMM does the work.
+Vocabulary-sized int8 heads instead run fbgemm's int8 GEMM on activations split into two
+int8 parts (see `Int8Weight`): the weight-only int8 kernel's time grows fast with the rows.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -22,6 +25,14 @@ from thrifty.loading.memory import release_free_memory
 # 3072x576 weight, 117 ms for the lm_head). scripts/bench_packed_rows.py measures them.
 DENSE_ROWS = {"int8": 32, "int4": 128}
 INT4_GROUP = 32
+# Int8 weights with at least this many outputs (vocabulary heads) multiply through fbgemm's int8
+# GEMM: on a 2-core AVX-512 VNNI CPU the 49152x576 head took 0.90 ms at 1 row and 4.4 ms at 16
+# against 1.98 and 12.9 for the weight-only kernel; on weights of 576-3072 outputs the extra
+# activation ops cost about as much as the GEMM saves (scripts/bench_packed_rows.py).
+INT8_GEMM_MIN_OUT = 16384
+# Up to this many rows; past it the bfloat16 GEMM on the expanded weight wins (281 against 161 ms
+# for that head at 512 rows, 49 against about 80 at 128).
+INT8_GEMM_ROWS = 128
 # Pack big weights (the 49k-row lm_head) a slice of rows at a time, so the float temporaries of
 # packing do not raise the peak RSS by several copies of the whole weight.
 PACK_ROWS = 4096
@@ -74,12 +85,29 @@ class BF16Weight(PackedWeight):
 
 
 class Int8Weight(PackedWeight):
-    """Symmetric int8 per output channel: w = q * scale[row]."""
+    """Symmetric int8 per output channel: w = q * scale[row].
+
+    Weights of INT8_GEMM_MIN_OUT outputs or more (on CPUs with VNNI) are held only as an fbgemm
+    packed weight and multiplied, up to INT8_GEMM_ROWS rows, by its int8 x int8 -> int32 GEMM. Its activations are int8 too,
+    so each row is split in two: x = amax/127 * (q1 + q2/254), q1 the row rounded to 127 levels
+    of its largest magnitude and q2 the rounding error at 254 times finer steps. That keeps about
+    16 bits per row, as precise as the bfloat16 activations of the weight-only kernel
+    (perplexity within 0.1% of it on SmolLM2, BENCHMARKS "int8 GEMM for the lm_head"), and the
+    integer sums are exact, so a row's logits do not depend on the other rows of the batch.
+    """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self.q = q.contiguous()  # int8 [N, K]
         self.scale = scale.to(torch.bfloat16).contiguous()  # [N]; the kernel wants the activations' dtype
-        self.out_features = self.q.shape[0]
+        self.out_features, self.in_features = q.shape
+        self._gemm = _fbgemm_pack(q, self.scale) if _use_int8_gemm(q.shape[0]) else None
+        self._q = q.contiguous() if self._gemm is None else None  # int8 [N, K]
+
+    @property
+    def q(self) -> torch.Tensor:
+        """The int8 codes [N, K] (unpacked from the fbgemm weight for the few calls that need them)."""
+        if self._gemm is None:
+            return self._q
+        return torch.ops.quantized.linear_unpack(self._gemm)[0].int_repr()
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int8Weight:
@@ -91,11 +119,13 @@ class Int8Weight(PackedWeight):
         return cls(q, scale)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        xb = x.to(torch.bfloat16)
-        if x.shape[0] <= DENSE_ROWS["int8"]:
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scale)
+        rows = x.shape[0]
+        if self._gemm is not None and rows <= INT8_GEMM_ROWS:
+            y = _int8_gemm_two_part(x.float(), self._gemm)
+        elif self._gemm is None and rows <= DENSE_ROWS["int8"]:
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self._q, self.scale)
         else:
-            y = F.linear(xb, self.q.to(torch.bfloat16) * self.scale[:, None])
+            y = F.linear(x.to(torch.bfloat16), self.q.to(torch.bfloat16) * self.scale[:, None])
         return _finish(y, bias, x.dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -103,7 +133,36 @@ class Int8Weight(PackedWeight):
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + self.scale.nbytes
+        # fbgemm's packed weight holds the codes plus an int32 offset per output column.
+        offsets = 0 if self._gemm is None else 4 * self.out_features
+        return self.out_features * self.in_features + offsets + self.scale.nbytes
+
+
+def _use_int8_gemm(out_features: int) -> bool:
+    # Without VNNI fbgemm multiplies uint8 x int8 pairs into saturating int16 sums, which our
+    # full-range activation codes can overflow.
+    return out_features >= INT8_GEMM_MIN_OUT and torch.cpu._is_vnni_supported()
+
+
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    zero_points = torch.zeros(q.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # quantized tensors are deprecated as a user type; fbgemm still takes one
+        warnings.simplefilter("ignore", UserWarning)
+        weight = torch._make_per_channel_quantized_tensor(q.contiguous(), scale.double(), zero_points, 0)
+    return torch.ops.quantized.linear_prepack(weight, None)
+
+
+def _int8_gemm_two_part(x: torch.Tensor, gemm: torch.ScriptObject) -> torch.Tensor:
+    """float32 x [M, K] times the packed int8 weight, the activations as two int8 parts per row."""
+    rows = x.shape[0]
+    amax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    u = x * (127 / amax)
+    high = torch.round(u)
+    low = torch.round((u - high) * 254)  # |u - high| <= 1/2, so |low| <= 127
+    # The op quantizes its input with the scale and zero point given: q/127 comes back as code q + 128.
+    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        torch.cat([high, low]) / 127, 1 / 127, 128, gemm)
+    return (y[:rows] + y[rows:] / 254) * amax
 
 
 class Int4Weight(PackedWeight):
