@@ -162,7 +162,7 @@ def _int8_gemm_two_part(x: torch.Tensor, gemm: torch.ScriptObject) -> torch.Tens
     # The op quantizes its input with the scale and zero point given: q/127 comes back as code q + 128.
     y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
         torch.cat([high, low]) / 127, 1 / 127, 128, gemm)
-    return (y[:rows] + y[rows:] / 254) * amax
+    return y[rows:].div_(254).add_(y[:rows]).mul_(amax)  # in place: the logits of a batch are megabytes
 
 
 class Int4Weight(PackedWeight):
