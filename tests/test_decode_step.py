@@ -77,6 +77,17 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_llama_gguf):
     assert _generate(llm, batched=True) == eager
 
 
+def test_compiled_decode_does_not_recompile_as_contexts_grow(tiny_llama_gguf):
+    """The warm-up graphs take any batch size and context length: serving compiles nothing more."""
+    from torch._dynamo.utils import counters
+
+    llm = make_tiny_llm(tiny_llama_gguf, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    _generate(llm, batched=True)  # contexts from 1 to 20 tokens, batches of 3 shrinking as prompts end
+    assert llm.engine.runner.decode_body.error is None
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_a_failing_compiler_falls_back_to_eager(tiny_llama_gguf, monkeypatch):
     def broken(*args):
         raise RuntimeError("inductor is not available")

@@ -40,6 +40,7 @@ class CompiledDecode:
             # Dynamic dimensions instead of one graph per context length (and batch size, past 1).
             torch._dynamo.maybe_mark_dynamic(meta.slot_ids, 1)
             if x.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(meta.valid, 1)  # the context length again
                 for t in (x, positions, meta.slot_mapping, meta.slot_ids, meta.context_lens, meta.valid):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         return self.model.body(x, positions, meta, self._run_layer)

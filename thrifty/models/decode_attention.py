@@ -35,7 +35,8 @@ class DecodeMetadata:
         tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in block_tables],
                               dtype=torch.long, device=device)
         offsets = torch.arange(block_size, device=device)
-        slot_ids = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :longest]
+        # Contiguous whatever the length, so a compiled graph meets one memory layout, not two.
+        slot_ids = (tables[:, :, None] * block_size + offsets).flatten(1)[:, :longest].contiguous()
         last = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size
                 for t, n in zip(block_tables, context_lens)]
         lens = torch.tensor(context_lens, dtype=torch.long, device=device)[:, None]

@@ -47,7 +47,8 @@ def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  blocked: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if blocked is not None and rows >= _BLOCKED_FP32_ROWS and not torch.compiler.is_compiling():
+    # Compiling first: a check of the rows would pin a compiled batch graph to its warm-up batch size.
+    if not torch.compiler.is_compiling() and blocked is not None and rows >= _BLOCKED_FP32_ROWS:
         return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not 0 < rows <= _SMALL_FP32_ROWS:
         return F.linear(x, weight, bias)
