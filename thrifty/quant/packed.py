@@ -26,9 +26,9 @@ from thrifty.loading.memory import release_free_memory
 DENSE_ROWS = {"int8": 32, "int4": 128}
 INT4_GROUP = 32
 # Int8 weights with at least this many outputs (vocabulary heads) multiply through fbgemm's int8
-# GEMM: on a 2-core AVX-512 VNNI CPU the 49152x576 head took 0.90 ms at 1 row and 4.4 ms at 16
-# against 1.98 and 12.9 for the weight-only kernel; on weights of 576-3072 outputs the extra
-# activation ops cost about as much as the GEMM saves (scripts/bench_packed_rows.py).
+# GEMM: on a 2-core AVX-512 VNNI CPU the 49152x576 head took 0.66 ms at 1 row and 3.96 ms at 16
+# against 1.41 and 9.65 for the weight-only kernel (scripts/bench_packed_rows.py); on weights of
+# 576-3072 outputs the extra activation ops cost about as much as the GEMM saves.
 INT8_GEMM_MIN_OUT = 16384
 # Up to this many rows; past it the bfloat16 GEMM on the expanded weight wins (281 against 161 ms
 # for that head at 512 rows, 49 against about 80 at 128).
@@ -88,12 +88,13 @@ class Int8Weight(PackedWeight):
     """Symmetric int8 per output channel: w = q * scale[row].
 
     Weights of INT8_GEMM_MIN_OUT outputs or more (on CPUs with VNNI) are held only as an fbgemm
-    packed weight and multiplied, up to INT8_GEMM_ROWS rows, by its int8 x int8 -> int32 GEMM. Its activations are int8 too,
-    so each row is split in two: x = amax/127 * (q1 + q2/254), q1 the row rounded to 127 levels
-    of its largest magnitude and q2 the rounding error at 254 times finer steps. That keeps about
-    16 bits per row, as precise as the bfloat16 activations of the weight-only kernel
-    (perplexity within 0.1% of it on SmolLM2, BENCHMARKS "int8 GEMM for the lm_head"), and the
-    integer sums are exact, so a row's logits do not depend on the other rows of the batch.
+    packed weight and multiplied, up to INT8_GEMM_ROWS rows, by its int8 x int8 -> int32 GEMM.
+    Its activations are int8 too, so each row is split in two: x = amax/127 * (q1 + q2/254), q1
+    the row rounded to 127 levels of its largest magnitude and q2 the rounding error at 254 times
+    finer steps. That keeps about 16 bits per row, finer than the bfloat16 activations of the
+    weight-only kernel (SmolLM2's perplexity 30.61 against 30.63, BENCHMARKS "Int8 GEMM for the
+    lm_head"), and the integer sums are exact, so a row's logits do not depend on the other rows
+    of the batch.
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
