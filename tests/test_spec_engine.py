@@ -47,6 +47,29 @@ def test_speculating_and_plain_sequences_batch_together(model_path, plain, propo
     assert llm.engine.stats()[f"spec_{proposer}_drafts"] > 0
 
 
+def _count_observed_steps(llm) -> list[int]:
+    pool, calls = llm.engine.speculator.proposers["history"], []
+    original = pool.observe
+    pool.observe = lambda tokens, *rest: calls.append(len(tokens)) or original(tokens, *rest)
+    return calls
+
+
+def test_the_history_pool_learns_once_asked_for_then_from_everyone(model_path):
+    llm = make_llm(model_path)
+    calls = _count_observed_steps(llm)
+    llm.generate(PROMPTS[:2], greedy())
+    assert calls == []  # nobody asked for the pool: no per-step work spent on it
+    llm.generate(PROMPTS[:2], [greedy(speculative="history"), greedy()])
+    asked = len(calls)
+    assert asked > 0
+    llm.generate(PROMPTS[2:4], greedy())  # from then on it learns from plain sequences too
+    assert len(calls) > asked
+    default = make_llm(model_path, speculative="history")  # the engine default learns from the start
+    calls = _count_observed_steps(default)
+    default.generate(PROMPTS[:1], greedy(speculative="off"))
+    assert calls
+
+
 def test_adaptive_speculation_keeps_output(model_path, plain):
     llm = make_llm(model_path, speculative="ngram")
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy())] == plain

@@ -81,6 +81,8 @@ class Proposer(Protocol):
     # Proposing runs no model: a sequence decoding plainly can still be shown its draft, unverified,
     # to keep its acceptance estimate current (dry drafts, thrifty.spec.speculator).
     drafts_for_free: bool
+    # Learns from every step's logits (a shared pool): `observe` is worth calling on each step.
+    learns_from_steps: bool
 
     def propose_batch(self, seqs: list[Sequence], limits: list[int]) -> list[Draft | None]:
         """For each sequence at most `limits[i]` draft nodes continuing its token_ids, or None (decode plainly)."""
@@ -108,6 +110,7 @@ class PerSequenceProposer:
     catch_up_seconds = 0.0
     default_draft_tokens = 5
     drafts_for_free = True
+    learns_from_steps = False
 
     def propose(self, seq: Sequence, max_tokens: int) -> Draft | None:
         raise NotImplementedError

@@ -21,6 +21,7 @@ PoolSnapshot = tuple[dict[int, list[int]], dict[tuple[int, int], list[int]]]
 
 class HistoryProposer(PerSequenceProposer):
     name = "history"
+    learns_from_steps = True
 
     def __init__(self, branching: tuple[int, ...] = (3, 2, 1, 1, 1, 1, 1, 1), width: int = 4,
                  max_pairs: int = 262_144) -> None:

@@ -76,6 +76,7 @@ class ModelDrafter:
         self.confirmed: dict[Sequence, int] = {}  # target sequence -> its length when last synced
         self.default_draft_tokens = 5
         self.drafts_for_free = False
+        self.learns_from_steps = False
         self.seconds_per_pass = 0.0  # running mean of one batched draft pass, for the adaptive controller
         self.catch_up_seconds = 0.0  # spent reading prompts in the last call: a one-off, like prefill
         self.seconds_per_catch_up_token = 0.0  # running mean, to price a sequence's catch-up before it starts

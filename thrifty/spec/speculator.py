@@ -56,6 +56,12 @@ class Speculator:
         self.num_speculative_tokens = num_speculative_tokens
         self.proposers: dict[str, Proposer] = {name: make() for name, make in LOOKUP_PROPOSERS.items()}
         self._drafter_factories = dict(model_drafters or {})  # model drafters load on first use
+        # Shared pools learn from every sequence's steps, but only once the engine default or some
+        # request has asked for them: until then that work (a topk over each step's logits and dict
+        # updates, ~2% of a step) would be spent for nobody.
+        self._learning: set[str] = set()
+        if default_method in self.proposers and self.proposers[default_method].learns_from_steps:
+            self._learning.add(default_method)
         # Host seconds per drafted sequence (proposing, verifying, settling), by proposer: what a
         # draft costs besides the forward passes, so the controller can tell when it does not pay.
         self.propose_seconds: dict[str, float] = {}
@@ -77,6 +83,8 @@ class Speculator:
                 raise InvalidRequestError(f"speculative method {method!r} is not available in this engine; use one "
                                           f"of {', '.join([*self.proposers, *self._drafter_factories])} or off")
             self.proposers[method] = self._drafter_factories[method]()
+        if self.proposers[method].learns_from_steps:
+            self._learning.add(method)
         return self.proposers[method]
 
     def _draft_costs(self, method: str) -> tuple[float, float]:
@@ -170,6 +178,19 @@ class Speculator:
 
     # -- after the forward pass -----------------------------------------------------------------
 
+    def _teach_pools(self, items: list[ScheduledSequence], logits: torch.Tensor) -> None:
+        """Show the learning pools every row of the step, from every sequence, speculating or not."""
+        fed_all: list[int] = []  # every row's input token and the token before it
+        preceding_all: list[int | None] = []
+        for item in items:
+            seq, draft = item.seq, item.draft
+            fed = [seq.token_ids[-1]] + (draft.token_ids if draft else [])
+            fed_all += fed
+            preceding_all.append(seq.token_ids[-2] if len(seq.token_ids) > 1 else None)
+            preceding_all += [fed[parent] for parent in draft.parents] if draft else []
+        for name in self._learning:
+            self.proposers[name].observe(fed_all, logits, preceding_all)  # one call for the step's rows
+
     def sample(self, items: list[ScheduledSequence], logits: torch.Tensor,
                sampler: Sampler) -> list[tuple[list[int], list[TokenLogprob | None]]]:
         """Tokens to append for each item whose chunk completed; logits hold 1 + len(draft) rows per item."""
@@ -184,16 +205,8 @@ class Speculator:
             for i, token, logprob in zip(plain, tokens, logprobs):
                 results[i] = ([token], [logprob])
                 self._score_dry_draft(items[i].seq, token)
-        fed_all: list[int] = []  # every row's input token and the token before it, for the shared pools
-        preceding_all: list[int | None] = []
-        for item in items:
-            seq, draft = item.seq, item.draft
-            fed = [seq.token_ids[-1]] + (draft.token_ids if draft else [])
-            fed_all += fed
-            preceding_all.append(seq.token_ids[-2] if len(seq.token_ids) > 1 else None)
-            preceding_all += [fed[parent] for parent in draft.parents] if draft else []
-        for proposer in self.proposers.values():  # shared pools learn from every sequence, speculating or not
-            proposer.observe(fed_all, logits[:row], preceding_all)  # one call for the step's rows
+        if self._learning:
+            self._teach_pools(items, logits[:row])
         for i, item in enumerate(items):
             seq, draft = item.seq, item.draft
             if draft is not None:
