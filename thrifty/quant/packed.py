@@ -33,6 +33,10 @@ INT8_GEMM_MIN_OUT = 16384
 # Up to this many rows; past it the bfloat16 GEMM on the expanded weight wins (281 against 161 ms
 # for that head at 512 rows, 49 against about 80 at 128).
 INT8_GEMM_ROWS = 128
+# Rows per GEMM call: a call's output and int32 scratch are 2 x rows x out_features each (6 MB
+# apiece for a 16-row call to that head), and past about 16 activation rows the GEMM is bound by
+# arithmetic, not by reading the weight, so two calls of 8 rows cost what one of 16 does.
+INT8_GEMM_CHUNK_ROWS = 8
 # Pack big weights (the 49k-row lm_head) a slice of rows at a time, so the float temporaries of
 # packing do not raise the peak RSS by several copies of the whole weight.
 PACK_ROWS = 4096
@@ -122,7 +126,14 @@ class Int8Weight(PackedWeight):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.shape[0]
         if self._gemm is not None and rows <= INT8_GEMM_ROWS:
-            y = _int8_gemm_two_part(x.float(), self._gemm)
+            x = x.float()
+            if rows <= INT8_GEMM_CHUNK_ROWS:
+                y = _int8_gemm_two_part(x, self._gemm)
+            else:  # a chunk at a time into one output, so the GEMM's float and int32 scratch stay small
+                y = x.new_empty(rows, self.out_features)
+                for start in range(0, rows, INT8_GEMM_CHUNK_ROWS):
+                    y[start:start + INT8_GEMM_CHUNK_ROWS] = _int8_gemm_two_part(
+                        x[start:start + INT8_GEMM_CHUNK_ROWS], self._gemm)
         elif self._gemm is None and rows <= DENSE_ROWS["int8"]:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self._q, self.scale)
         else:
