@@ -1,7 +1,9 @@
 """Prefill and decode speed of thrifty beside llama.cpp and transformers on the same GGUF file.
 
 Each system runs in its own subprocess (so its peak RSS is its own), one after the other,
-with the same thread count; the table gives thrifty/peer ratios from this one run.
+with the same thread count. With `--rounds N` the systems take turns N times and the table gives
+each figure's median over the rounds (a shared VM's figures move by a quarter between runs), and
+the thrifty/peer ratio of each round is printed too.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per sequence")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="which of thrifty,llama.cpp,transformers")
     parser.add_argument("--quick", action="store_true", help="short run: prompts 128,512; batches 1,4; 16 tokens")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the systems in turn this many times and report medians (default 1)")
     parser.add_argument("--output-dir", default="bench-speed", help="where speed.json and speed.png go")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
 
@@ -179,6 +184,22 @@ def _run_system(name: str, cfg: dict) -> dict:
     return result
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One system's rounds as one result: the median of every prefill, decode and RSS figure (and
+    the largest peak RSS); other fields from the first round."""
+    merged = dict(runs[0])
+    for key in ("prefill", "decode"):
+        merged[key] = {k: statistics.median(r[key][k] for r in runs) for k in runs[0][key]}
+    merged["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
+    merged["peak_rss_mb_max"] = max(r["peak_rss_mb"] for r in runs)
+    return merged
+
+
+def round_ratios(ours: list[dict], theirs: list[dict], key: str, sub: int) -> list[float]:
+    """thrifty/peer for one figure, round by round (each round ran both systems back to back)."""
+    return [a[key][sub] / b[key][sub] for a, b in zip(ours, theirs) if sub in a[key] and sub in b[key]]
+
+
 def _table(results: dict, cfg: dict) -> str:
     ours = results.get("thrifty", {})
     peers = [s for s in results if s != "thrifty" and "skipped" not in results[s]]
@@ -234,25 +255,47 @@ def run(args: argparse.Namespace) -> None:
            "prompt_lens": [int(x) for x in args.prompt_lens.split(",")],
            "batch_sizes": [int(x) for x in args.batch_sizes.split(",")], "decode_tokens": args.decode_tokens,
            "compile": args.compile}
-    results = {}
-    for name in args.systems.split(","):
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    names = args.systems.split(",")
+    for name in names:
         if name not in WORKERS:
             raise SystemExit(f"unknown system {name!r}; use some of {', '.join(SYSTEMS)}")
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = _run_system(name, cfg)
-        if "skipped" in results[name]:
-            print(f"  skipped: {results[name]['skipped']}", file=sys.stderr)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    skipped: dict[str, dict] = {}
+    for number in range(1, args.rounds + 1):
+        for name in names:
+            if name in skipped:
+                continue
+            print(f"running {name} (round {number} of {args.rounds}) ...", file=sys.stderr, flush=True)
+            result = _run_system(name, cfg)
+            if "skipped" in result:
+                print(f"  skipped: {result['skipped']}", file=sys.stderr)
+                skipped[name] = result
+            else:
+                rounds[name].append(result)
+    results = {name: skipped[name] if name in skipped else median_result(rounds[name]) for name in names}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{_cpu_name()}", "command": " ".join(sys.argv), "config": cfg, "results": results}
+              f"{_cpu_name()}", "command": " ".join(sys.argv), "config": cfg, "results": results,
+              "rounds": {name: runs for name, runs in rounds.items() if runs}}
     (out / "speed.json").write_text(json.dumps(record, indent=2))
     _plot(results, cfg, out / "speed.png")
     print(_table(results, cfg))
+    if args.rounds > 1:
+        print(f"\nmedians of {args.rounds} rounds; thrifty/peer in each round:")
+        for peer in (n for n in names if n != "thrifty" and rounds[n] and rounds.get("thrifty")):
+            for key, subs in (("prefill", cfg["prompt_lens"]), ("decode", cfg["batch_sizes"])):
+                for sub in subs:
+                    ratios = round_ratios(rounds["thrifty"], rounds[peer], key, sub)
+                    if ratios:
+                        print(f"  {key} {sub} vs {peer}: " + ", ".join(f"{r:.2f}x" for r in ratios))
     if "thrifty" in results and "skipped" not in results["thrifty"]:
         t = results["thrifty"]
         print(f"\nthrifty weights={t['weights']}: {t['weights_mb']:.0f} MB in run format, KV pool {t['kv_pool_mb']:.0f} MB, "
-              f"peak RSS {t['peak_rss_mb']:.0f} MB (target <= {t['weights_mb'] + t['kv_pool_mb'] + 400:.0f} MB)")
+              f"peak RSS {t['peak_rss_mb']:.0f} MB (target <= {t['weights_mb'] + t['kv_pool_mb'] + 400:.0f} MB)"
+              + (f", {t['peak_rss_mb_max']:.0f} MB in the worst round" if args.rounds > 1 else ""))
         print(f"thrifty load{' and compile' if cfg['compile'] else ''}: {t['load_seconds']:.1f}s")
         if "rss_torch_mb" in t:
             print(f"peak RSS breakdown: {t['rss_torch_mb']:.0f} MB after `import torch`, "

@@ -1,0 +1,24 @@
+"""`thrifty bench speed --rounds N`: medians over rounds and the per-round thrifty/peer ratios."""
+
+from thrifty.bench.speed import median_result, round_ratios
+
+
+def _run(prefill: float, decode1: float, rss: float) -> dict:
+    return {"prefill": {512: prefill}, "decode": {1: decode1, 16: 4 * decode1}, "peak_rss_mb": rss, "weights": "auto"}
+
+
+def test_median_result_takes_each_figures_median_and_the_worst_rss():
+    runs = [_run(900, 70, 650), _run(600, 60, 675), _run(700, 82, 655)]
+    merged = median_result(runs)
+    assert merged["prefill"] == {512: 700} and merged["decode"] == {1: 70, 16: 280}
+    assert merged["peak_rss_mb"] == 655 and merged["peak_rss_mb_max"] == 675
+    assert merged["weights"] == "auto"
+
+
+def test_round_ratios_pair_the_rounds_and_skip_figures_a_peer_lacks():
+    ours, theirs = [_run(900, 70, 0), _run(600, 60, 0)], [_run(300, 140, 0), _run(200, 100, 0)]
+    assert round_ratios(ours, theirs, "prefill", 512) == [3.0, 3.0]
+    assert round_ratios(ours, theirs, "decode", 1) == [0.5, 0.6]
+    for peer in theirs:
+        del peer["decode"][16]  # llama.cpp is measured at batch 1 only
+    assert round_ratios(ours, theirs, "decode", 16) == []
