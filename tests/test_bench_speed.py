@@ -4,7 +4,8 @@ from thrifty.bench.speed import median_result, round_ratios
 
 
 def _run(prefill: float, decode1: float, rss: float) -> dict:
-    return {"prefill": {512: prefill}, "decode": {1: decode1, 16: 4 * decode1}, "peak_rss_mb": rss, "weights": "auto"}
+    return {"prefill": {512: prefill}, "decode": {1: decode1, 16: 4 * decode1}, "peak_rss_mb": rss,
+            "rss_loaded_mb": rss - 80, "weights": "auto"}
 
 
 def test_median_result_takes_each_figures_median_and_the_worst_rss():
@@ -12,6 +13,7 @@ def test_median_result_takes_each_figures_median_and_the_worst_rss():
     merged = median_result(runs)
     assert merged["prefill"] == {512: 700} and merged["decode"] == {1: 70, 16: 280}
     assert merged["peak_rss_mb"] == 655 and merged["peak_rss_mb_max"] == 675
+    assert merged["rss_loaded_mb"] == 575  # every number is a median, so the breakdown adds up
     assert merged["weights"] == "auto"
 
 

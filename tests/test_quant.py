@@ -70,11 +70,11 @@ needs_vnni = pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="the 
 
 @needs_vnni
 def test_int8_gemm_path_is_precise_and_batch_invariant(monkeypatch):
+    plain = Int8Weight.from_float(weight(7))  # the weight-only kernel's codes
     monkeypatch.setattr(packed, "INT8_GEMM_MIN_OUT", N)  # send this small weight down the vocabulary-head path
-    w = weight(7)
-    head, plain = Int8Weight.from_float(w), Int8Weight.from_float(weight(7))
-    assert head._gemm is not None
-    torch.testing.assert_close(head.q, Int8Weight(plain.q, plain.scale).q)  # unpacked codes are the codes
+    head = Int8Weight.from_float(weight(7))
+    assert head._gemm is not None and plain._gemm is None
+    assert torch.equal(head.q, plain.q)  # fbgemm holds the very codes, and gives them back
     x = torch.randn(packed.INT8_GEMM_ROWS, K, generator=torch.Generator().manual_seed(8)) * 3
     reference = x @ head.dequantize().t()
     out = head.linear(x)
@@ -86,6 +86,7 @@ def test_int8_gemm_path_is_precise_and_batch_invariant(monkeypatch):
     expected = wide @ head.dequantize().t()
     assert float((head.linear(wide) - expected).abs().max()) < 0.02 * float(expected.abs().max())
     assert torch.equal(head.linear(torch.zeros(2, K)), torch.zeros(2, N))  # an all-zero row stays finite
+    assert head.linear(x[:3].bfloat16()).dtype == torch.bfloat16  # in the activations' dtype, as every path
 
 
 def test_int4_falls_back_to_int8_for_shapes_its_kernel_cannot_take():

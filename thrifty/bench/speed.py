@@ -185,12 +185,14 @@ def _run_system(name: str, cfg: dict) -> dict:
 
 
 def median_result(runs: list[dict]) -> dict:
-    """One system's rounds as one result: the median of every prefill, decode and RSS figure (and
-    the largest peak RSS); other fields from the first round."""
+    """One system's rounds as one result: the median of every number (prefill and decode speeds,
+    RSS, load time) and the largest peak RSS; other fields (the weight format) from the first round."""
     merged = dict(runs[0])
-    for key in ("prefill", "decode"):
-        merged[key] = {k: statistics.median(r[key][k] for r in runs) for k in runs[0][key]}
-    merged["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
+    for key, value in runs[0].items():
+        if isinstance(value, dict):
+            merged[key] = {k: statistics.median(r[key][k] for r in runs) for k in value}
+        elif isinstance(value, (int, float)):
+            merged[key] = statistics.median(r[key] for r in runs)
     merged["peak_rss_mb_max"] = max(r["peak_rss_mb"] for r in runs)
     return merged
 
