@@ -319,6 +319,8 @@ class GatedMLP(nn.Module):
 class Attention(nn.Module):
     """Self-attention of one layer over the paged KV cache (GQA, optional QKV bias and Q/K norms)."""
 
+    bf16_chunks: bool = False  # long chunks (prefill) attend in bfloat16 matmuls; set with the weight format
+
     def __init__(self, config: ModelConfig, layer: int, *, qk_norm: bool = False, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
@@ -379,5 +381,6 @@ class Attention(nn.Module):
                                    sliding_window=self.sliding_window)
         else:
             out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, scale=self.scale, layer=self.layer,
-                                  sliding_window=self.sliding_window, softcap=self.softcap)
+                                  sliding_window=self.sliding_window, softcap=self.softcap,
+                                  bf16_chunks=self.bf16_chunks)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))

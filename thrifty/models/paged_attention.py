@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from thrifty.kv.quant.base import LayerKV
+from thrifty.models import chunk_attention
 from thrifty.kv.quant.lowbit import LowPrecisionTokens
 
 # Called with (layer index, attention probabilities [num_heads, query_len, context_len]) for a
@@ -64,6 +65,8 @@ class SequenceSlice:
     observer: AttentionObserver | None = None
     layer_lengths: LayerLengths | None = None  # None: every layer sees every slot
     demoted: LowPrecisionTokens | None = None  # older tokens in low precision, visible to every query
+    # Causal/tree masks by sliding window, built by the first layer that needs one and shared by the rest.
+    _ordered: dict[int | None, torch.Tensor | None] = field(default_factory=dict, init=False, repr=False)
 
 
 @dataclass
@@ -122,11 +125,13 @@ def _allowed_keys(seq: SequenceSlice, sliding_window: int | None, device: torch.
                   layer: int = 0) -> torch.Tensor | None:
     """Boolean [query_len, context_len] mask, None when everything is visible: causal (or the tree),
     banded for sliding-window layers, without the slots this layer evicted (per-layer budgets)."""
-    allowed = _ordered_keys(seq, sliding_window, device)
+    if sliding_window not in seq._ordered:
+        seq._ordered[sliding_window] = _ordered_keys(seq, sliding_window, device)
+    allowed = seq._ordered[sliding_window]
     lengths = seq.layer_lengths
     if lengths is not None and lengths.kept[layer] < lengths.shared:
-        if allowed is None:
-            allowed = torch.ones(seq.query_len, seq.context_len, dtype=torch.bool, device=device)
+        allowed = (torch.ones(seq.query_len, seq.context_len, dtype=torch.bool, device=device) if allowed is None
+                   else allowed.clone())  # the shared mask stays as it is for the other layers
         allowed[:, lengths.kept[layer]:lengths.shared] = False
     return allowed
 
@@ -151,11 +156,12 @@ def _ordered_keys(seq: SequenceSlice, sliding_window: int | None, device: torch.
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, *,
                     scale: float, layer: int, sliding_window: int | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, bf16_chunks: bool = False) -> torch.Tensor:
     """Write k, v into the cache, then attend every new query to its sequence's cache.
 
     q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim]. Returns [T, num_heads, head_dim].
-    `layer` identifies the layer to attention observers.
+    `layer` identifies the layer to attention observers. With `bf16_chunks`, sequences with a long
+    chunk of new tokens attend in bfloat16 matmuls (thrifty.models.chunk_attention).
     """
     store = k_cache if isinstance(k_cache, LayerKV) else None
     if store is None:
@@ -188,7 +194,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             ks, vs = torch.cat((low_k, ks), dim=1), torch.cat((low_v, vs), dim=1)
             if allowed is not None:
                 allowed = F.pad(allowed, (demoted, 0), value=True)
-        if softcap is None and seq.observer is None:
+        if (bf16_chunks and softcap is None and seq.observer is None
+                and seq.query_len >= chunk_attention.MIN_QUERIES):
+            attended = chunk_attention.bf16_chunk_attention(qs, ks, vs, allowed, scale)
+        elif softcap is None and seq.observer is None:
             # With a batch dimension PyTorch's CPU kernel is the fused (flash) one; 3-D inputs take the
             # math path, which materialises every [heads, q, ctx] score (hundreds of MB for a 2k prompt).
             attended = F.scaled_dot_product_attention(

@@ -6,14 +6,16 @@ import torch
 
 from thrifty.loading.memory import release_free_memory
 from thrifty.models.layers import Attention, Embedding, GatedMLP, Linear
-from thrifty.quant.formats import weight_format
+from thrifty.quant.formats import cpu_has_bf16, weight_format
 
 
 def set_weights_choice(model: torch.nn.Module, choice: str) -> None:
     """Make every Linear pack its weight as it loads (`choice` as from formats.resolve_choice).
 
     Unless weights run as float32, a GGUF-quantized embedding table stays in its blocks too, where
-    nothing needs it as a float matrix: a tied lm_head must then be packed, not run dense.
+    nothing needs it as a float matrix: a tied lm_head must then be packed, not run dense. And
+    attention of long chunks then runs in bfloat16 matmuls as the packed weights do, where the CPU
+    multiplies bfloat16 natively.
     """
     config = getattr(model, "config", None)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -23,6 +25,8 @@ def set_weights_choice(model: torch.nn.Module, choice: str) -> None:
             module.weights_choice = choice
         elif isinstance(module, Embedding):
             module.keep_blocks = choice != "fp32" and (head_packed or not tied)
+        elif isinstance(module, Attention):
+            module.bf16_chunks = choice != "fp32" and cpu_has_bf16()
 
 
 def finish_loading(model: torch.nn.Module) -> None:
