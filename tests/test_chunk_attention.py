@@ -6,7 +6,11 @@ import torch.nn.functional as F
 
 from thrifty.models import chunk_attention
 from thrifty.models.chunk_attention import bf16_chunk_attention
-from thrifty.models.paged_attention import AttentionMetadata, SequenceSlice, paged_attention
+from thrifty.models.paged_attention import (
+    AttentionMetadata,
+    SequenceSlice,
+    paged_attention,
+)
 
 H, KVH, D = 6, 2, 32
 SCALE = D ** -0.5
@@ -98,9 +102,9 @@ def test_paged_attention_takes_it_for_long_chunks_only():
 
 
 def test_packed_weights_turn_it_on_where_the_cpu_multiplies_bfloat16(tiny_llama_gguf, monkeypatch):
-    import thrifty.quant.convert as convert
     from thrifty import LLM
     from thrifty.models.layers import Attention
+    from thrifty.quant import convert
 
     for has_bf16 in (True, False):
         monkeypatch.setattr(convert, "cpu_has_bf16", lambda has=has_bf16: has)

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from thrifty.kv.quant.base import LayerKV
-from thrifty.models import chunk_attention
 from thrifty.kv.quant.lowbit import LowPrecisionTokens
+from thrifty.models import chunk_attention
 
 # Called with (layer index, attention probabilities [num_heads, query_len, context_len]) for a
 # sequence whose KV policy scores tokens by attention; only then are probabilities materialised.
