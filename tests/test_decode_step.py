@@ -117,3 +117,21 @@ def test_compile_also_compiles_the_model_drafters(tiny_llama_gguf):
     drafter = llm.engine.speculator.proposers["layerskip"]
     assert isinstance(drafter.runner.decode_body, CompiledDecode) and drafter.runner.decode_body.error is None
     assert llm.engine.stats()["spec_layerskip_draft_tokens"] > 0
+
+
+def test_only_long_prefill_steps_give_free_memory_back(model_path, monkeypatch):
+    """Trimming the heap pays after a prefill chunk, not after every decode step."""
+    from thrifty.engine import model_runner
+
+    released = []
+    monkeypatch.setattr(model_runner, "release_free_memory", lambda: released.append(True))
+    llm = make_tiny_llm(model_path)
+    steps = []
+    original = llm.engine.runner.execute
+    llm.engine.runner.execute = lambda batch: steps.append(sum(item.num_tokens for item in batch)) or original(batch)
+    long_prompt = list(range(3, 3 + model_runner._RELEASE_AFTER_TOKENS))
+    llm.generate([long_prompt], GREEDY)
+    assert steps[0] >= model_runner._RELEASE_AFTER_TOKENS and len(steps) == GREEDY.max_tokens
+    assert len(released) == 1  # the prefill chunk, none of the nine decode steps
+    llm.generate(PROMPTS, GREEDY)
+    assert len(released) == 1
