@@ -66,6 +66,21 @@ def test_blocks_skip_only_keys_no_row_of_them_may_see():
         torch.testing.assert_close(out[:, row], alone[:, 0], rtol=0, atol=1e-2)
 
 
+def test_matmul_shapes_do_not_follow_the_prompt_length(monkeypatch):
+    """oneDNN keeps a primitive per matmul shape for good: every prompt length must map onto a few."""
+    shapes = set()
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b, **kw: shapes.add((tuple(a.shape), tuple(b.shape))) or bmm(a, b, **kw))
+    for queries in range(128, 420, 7):  # 42 prompt lengths, each a whole causal prefill
+        q, k, v = tensors(queries, queries)
+        bf16_chunk_attention(q, k, v, masks(queries, queries)["causal"], SCALE)
+    rows = (H // KVH) * chunk_attention._BLOCK_ROWS  # a block's query rows, all query heads of a KV head
+    for a, b in shapes:  # scores: [KVH, rows, D] x [KVH, D, width]; values: [KVH, rows, width] x [KVH, width, D]
+        width = b[2] if b[1] == D else a[2]
+        assert a[1] == rows and width % chunk_attention._KEY_COLUMNS == 0
+    assert len(shapes) == 2 * 4  # widths 128, 256, 384, 512, two products each
+
+
 def paged_inputs(long_len: int, cached: int):
     """Two sequences in one step: a prefill chunk of `long_len` tokens after `cached` ones, and a decode."""
     g = torch.Generator().manual_seed(7)
