@@ -19,6 +19,7 @@ from thrifty.loading.weights import QuantizedWeight, WeightTensor, to_tensor
 from thrifty.models.decode_attention import DecodeMetadata, decode_attention
 from thrifty.models.paged_attention import AttentionMetadata, paged_attention
 from thrifty.quant.formats import weight_format
+from thrifty.quant.gemm_rows import with_padded_rows
 from thrifty.quant.packed import PackedWeight, concat, pack, pack_rows
 
 
@@ -49,7 +50,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     rows = x.numel() // x.shape[-1]
     # Compiling first: a check of the rows would pin a compiled batch graph to its warm-up batch size.
     if not torch.compiler.is_compiling() and blocked is not None and rows >= _BLOCKED_FP32_ROWS:
-        return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
+        return with_padded_rows(lambda rows: torch.ops.mkldnn._linear_pointwise(rows, blocked, bias, "none", [], ""), x)
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not 0 < rows <= _SMALL_FP32_ROWS:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])

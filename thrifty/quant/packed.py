@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from thrifty.loading.memory import release_free_memory
+from thrifty.quant.gemm_rows import with_padded_rows
 
 # Above this many rows a call expands the weight to bfloat16 and runs a dense GEMM instead of the
 # weight-only kernel, whose time grows with the rows while the expansion is a fixed cost per call.
@@ -78,7 +79,7 @@ class BF16Weight(PackedWeight):
         return cls(w)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return _finish(F.linear(x.to(torch.bfloat16), self.w), bias, x.dtype)
+        return _finish(with_padded_rows(lambda rows: F.linear(rows, self.w), x.to(torch.bfloat16)), bias, x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         return self.w.float()
@@ -130,7 +131,8 @@ class Int8Weight(PackedWeight):
         elif self._gemm is None and rows <= DENSE_ROWS["int8"]:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self._q, self.scale)
         else:
-            y = F.linear(x.to(torch.bfloat16), self.q.to(torch.bfloat16) * self.scale[:, None])
+            dense = self.q.to(torch.bfloat16) * self.scale[:, None]
+            y = with_padded_rows(lambda rows: F.linear(rows, dense), x.to(torch.bfloat16))
         return _finish(y, bias, x.dtype)
 
     def dequantize(self) -> torch.Tensor:
@@ -228,7 +230,8 @@ class Int4Weight(PackedWeight):
         if x.shape[0] <= DENSE_ROWS["int4"]:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, INT4_GROUP, self.scales_and_zeros)
         else:
-            y = F.linear(xb, self._dense_bf16())
+            dense = self._dense_bf16()
+            y = with_padded_rows(lambda rows: F.linear(rows, dense), xb)
         return _finish(y, bias, x.dtype)
 
     def dequantize(self) -> torch.Tensor:
