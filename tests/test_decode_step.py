@@ -135,3 +135,7 @@ def test_only_long_prefill_steps_give_free_memory_back(model_path, monkeypatch):
     assert len(released) == 1  # the prefill chunk, none of the nine decode steps
     llm.generate(PROMPTS, GREEDY)
     assert len(released) == 1
+    # Many short sequences whose rows add up past the threshold (as a batched verify step) are no chunk.
+    steps.clear()
+    llm.generate([[3 + i] + list(range(100, 119)) for i in range(16)], GREEDY)  # distinct: no prefix hits
+    assert max(steps) >= model_runner._RELEASE_AFTER_TOKENS and len(released) == 1

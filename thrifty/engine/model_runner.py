@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 # What the KV policy of a sequence asks of attention this step: an observer, per-layer lengths, demoted tokens.
 KVHooks = tuple[AttentionObserver | None, LayerLengths | None, LowPrecisionTokens | None]
 
-# After a step of at least this many tokens (a prefill chunk) the allocator's free pages go back to
-# the OS: a chunk's activations and attention blocks come in sizes no later step reuses exactly,
-# and glibc kept them resident (+25 MB of peak RSS in `bench speed`). Trimming costs well under a
-# millisecond, against a few hundred for such a step; decode steps are too short to pay for it.
+# After a step in which some sequence computed at least this many tokens (a prefill chunk) the
+# allocator's free pages go back to the OS: a chunk's activations and attention blocks come in sizes
+# no later step reuses exactly, and glibc kept them resident (about 20 MB of peak RSS in `bench
+# speed`). The next step faults its pages in again (about 5% of a prefill chunk), which decode and
+# speculative verify steps, many short sequences even when their rows add up, are not worth.
 _RELEASE_AFTER_TOKENS = 256
 
 
@@ -88,7 +89,7 @@ class ModelRunner:
                             torch.tensor(positions, dtype=torch.long, device=self.device), meta)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows)).float().cpu()
-        if len(input_ids) >= _RELEASE_AFTER_TOKENS and self.device.type == "cpu":
+        if max(s.query_len for s in slices) >= _RELEASE_AFTER_TOKENS and self.device.type == "cpu":
             del hidden
             release_free_memory()
         return logits
