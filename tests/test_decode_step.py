@@ -120,7 +120,7 @@ def test_compile_also_compiles_the_model_drafters(tiny_llama_gguf):
 
 
 def test_only_long_prefill_steps_give_free_memory_back(model_path, monkeypatch):
-    """Trimming the heap pays after a prefill chunk, not after every decode step."""
+    """Trimming the heap pays after prefill chunks, not after decode steps, whatever their batch."""
     from thrifty.engine import model_runner
 
     released = []
@@ -135,7 +135,21 @@ def test_only_long_prefill_steps_give_free_memory_back(model_path, monkeypatch):
     assert len(released) == 1  # the prefill chunk, none of the nine decode steps
     llm.generate(PROMPTS, GREEDY)
     assert len(released) == 1
-    # Many short sequences whose rows add up past the threshold (as a batched verify step) are no chunk.
+    # Short prompts whose prefill adds up past the threshold in one step count too; their decode steps do not.
     steps.clear()
     llm.generate([[3 + i] + list(range(100, 119)) for i in range(16)], GREEDY)  # distinct: no prefix hits
-    assert max(steps) >= model_runner._RELEASE_AFTER_TOKENS and len(released) == 1
+    assert steps[0] >= model_runner._RELEASE_AFTER_TOKENS and len(released) == 2
+
+
+
+def test_a_batched_verify_step_counts_no_prompt_tokens():
+    """Sixteen sequences verifying 16 draft tokens each make 272 rows, but no prefill: no trim."""
+    from types import SimpleNamespace
+
+    from thrifty.engine.model_runner import _RELEASE_AFTER_TOKENS, prompt_tokens
+
+    verify = [SimpleNamespace(num_tokens=1, num_query_tokens=17) for _ in range(16)]
+    assert sum(item.num_query_tokens for item in verify) >= _RELEASE_AFTER_TOKENS
+    assert prompt_tokens(verify) == 0
+    mixed = [*verify, SimpleNamespace(num_tokens=300, num_query_tokens=300)]  # a prefill chunk joins the step
+    assert prompt_tokens(mixed) == 300

@@ -25,12 +25,18 @@ log = logging.getLogger(__name__)
 # What the KV policy of a sequence asks of attention this step: an observer, per-layer lengths, demoted tokens.
 KVHooks = tuple[AttentionObserver | None, LayerLengths | None, LowPrecisionTokens | None]
 
-# After a step in which some sequence computed at least this many tokens (a prefill chunk) the
-# allocator's free pages go back to the OS: a chunk's activations and attention blocks come in sizes
-# no later step reuses exactly, and glibc kept them resident (about 20 MB of peak RSS in `bench
-# speed`). The next step faults its pages in again (about 5% of a prefill chunk), which decode and
-# speculative verify steps, many short sequences even when their rows add up, are not worth.
+# After a step that computed at least this many prompt tokens (prefill chunks, of one prompt or of
+# several) the allocator's free pages go back to the OS: a chunk's activations and attention blocks
+# come in sizes no later step reuses exactly, and glibc kept them resident (about 20 MB of peak RSS
+# in `bench speed`). The next step faults its pages in again (about 5% of a prefill chunk), which
+# decode and speculative verify steps (one real token per sequence, the rest draft rows) skip.
 _RELEASE_AFTER_TOKENS = 256
+
+
+def prompt_tokens(batch: list[ScheduledSequence]) -> int:
+    """Prompt tokens a step computes: chunks of more than one real token (a decoding sequence
+    computes one, plus its draft rows when it verifies)."""
+    return sum(item.num_tokens for item in batch if item.num_tokens > 1)
 
 
 class ModelRunner:
@@ -89,7 +95,7 @@ class ModelRunner:
                             torch.tensor(positions, dtype=torch.long, device=self.device), meta)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows)).float().cpu()
-        if max(s.query_len for s in slices) >= _RELEASE_AFTER_TOKENS and self.device.type == "cpu":
+        if prompt_tokens(batch) >= _RELEASE_AFTER_TOKENS and self.device.type == "cpu":
             del hidden
             release_free_memory()
         return logits
