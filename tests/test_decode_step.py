@@ -21,34 +21,66 @@ def test_decode_metadata_lists_each_sequences_slots_and_its_new_slot():
     assert meta.slot_ids[0, :6].tolist() == [20, 21, 22, 23, 8, 9]
     assert meta.slot_ids[1, :3].tolist() == [28, 29, 30]
     assert meta.slot_ids[2].tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 0]
-    assert meta.valid.sum(dim=1).tolist() == [6, 3, 9] and meta.context_lens[:, 0].tolist() == [6, 3, 9]
-    assert DecodeMetadata.build([[5, 2]], [6], BLOCK, torch.device("cpu")).valid is None
+    assert meta.allowed[:, 0].sum(dim=1).tolist() == [6, 3, 9] and meta.context_lens[:, 0].tolist() == [6, 3, 9]
+    assert DecodeMetadata.build([[5, 2]], [6], BLOCK, torch.device("cpu")).allowed is None
 
 
+@pytest.mark.parametrize("query_len", [1, 3])
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("context_lens", [[13], [9, 30, 2, 17]])
-def test_decode_attention_equals_the_per_sequence_path(window, context_lens):
-    g = torch.Generator().manual_seed(len(context_lens))
+@pytest.mark.parametrize("context_lens", [[13], [9, 30, 4, 17]])
+def test_decode_attention_equals_the_per_sequence_path(window, context_lens, query_len):
+    """Q new tokens per sequence (a verify step of chain drafts when Q > 1) attend causally, as the general path."""
+    g = torch.Generator().manual_seed(len(context_lens) + query_len)
     blocks = torch.randperm(BLOCKS, generator=g).tolist()
     tables, used = [], 0
     for n in context_lens:
         count = -(-n // BLOCK)
         tables.append(blocks[used:used + count])
         used += count
-    meta = DecodeMetadata.build(tables, context_lens, BLOCK, torch.device("cpu"))
-    batch = len(context_lens)
-    q, k, v = (torch.randn(batch, h, D, generator=g) for h in (H, KVH, KVH))
+    meta = DecodeMetadata.build(tables, context_lens, BLOCK, torch.device("cpu"), query_len)
+    rows = len(context_lens) * query_len
+    q, k, v = (torch.randn(rows, h, D, generator=g) for h in (H, KVH, KVH))
     k_cache, v_cache = torch.randn(BLOCKS * BLOCK, KVH, D, generator=g), torch.randn(BLOCKS * BLOCK, KVH, D, generator=g)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     expected = torch.empty_like(q)
     for i, n in enumerate(context_lens):  # each sequence alone, as the general path runs it
-        slots = meta.slot_ids[i, :n]
-        alone = AttentionMetadata(slot_mapping=slots[-1:], sequences=[SequenceSlice(0, 1, n, slots)])
-        expected[i:i + 1] = paged_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], expected_k, expected_v, alone,
-                                            scale=0.3, layer=0, sliding_window=window)
+        slots, own = meta.slot_ids[i, :n], slice(i * query_len, (i + 1) * query_len)
+        alone = AttentionMetadata(slot_mapping=slots[-query_len:], sequences=[SequenceSlice(0, query_len, n, slots)])
+        expected[own] = paged_attention(q[own], k[own], v[own], expected_k, expected_v, alone,
+                                        scale=0.3, layer=0, sliding_window=window)
     out = decode_attention(q, k, v, k_cache, v_cache, meta, scale=0.3, sliding_window=window)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("query_len", [1, 3])
+def test_decode_attention_over_a_quantized_store_equals_the_per_sequence_path(query_len):
+    """With an int8 KV store each new token attends to itself as computed (not as stored), as the general path."""
+    from thrifty.kv.quant import Int8KV
+
+    g = torch.Generator().manual_seed(query_len)
+    context_lens, tables = [7, 12], [[3, 0], [5, 1, 6]]
+    meta = DecodeMetadata.build(tables, context_lens, BLOCK, torch.device("cpu"), query_len)
+    rows = len(context_lens) * query_len
+    q, k, v = (torch.randn(rows, h, D, generator=g) for h in (H, KVH, KVH))
+    store, reference = (Int8KV(BLOCKS * BLOCK, KVH, D, torch.float32, torch.device("cpu")) for _ in range(2))
+    old_k, old_v = torch.randn(BLOCKS * BLOCK, KVH, D, generator=g), torch.randn(BLOCKS * BLOCK, KVH, D, generator=g)
+    everywhere = torch.arange(BLOCKS * BLOCK)
+    store.write(everywhere, old_k, old_v)
+    reference.write(everywhere, old_k, old_v)
+    expected = torch.empty_like(q)
+    for i, n in enumerate(context_lens):
+        slots, own = meta.slot_ids[i, :n], slice(i * query_len, (i + 1) * query_len)
+        alone = AttentionMetadata(slot_mapping=slots[-query_len:], sequences=[SequenceSlice(0, query_len, n, slots)])
+        expected[own] = paged_attention(q[own], k[own], v[own], reference, reference, alone, scale=0.3, layer=0)
+    out = decode_attention(q, k, v, store, store, meta, scale=0.3)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_decode_metadata_for_several_new_tokens_masks_each_tokens_successors():
+    meta = DecodeMetadata.build([[5, 2]], [6], BLOCK, torch.device("cpu"), query_len=3)
+    assert meta.slot_mapping.tolist() == [23, 8, 9]  # the last three slots: the token and its two-token draft
+    assert meta.allowed[0].sum(dim=1).tolist() == [4, 5, 6]
 
 
 def _generate(llm, batched: bool) -> list[list[int]]:
@@ -63,11 +95,29 @@ def test_decode_path_gives_the_general_paths_tokens(model_path, batched):
     runner = llm.engine.runner
     steps = []
     original = runner._execute_decode
-    runner._execute_decode = lambda batch: steps.append(len(batch)) or original(batch)
+    runner._execute_decode = lambda batch, query_len: steps.append(len(batch)) or original(batch, query_len)
     fast = _generate(llm, batched)
     assert steps and (max(steps) > 1) == batched  # the path ran, for one sequence or for several
     runner._decode_path = False  # every step through AttentionMetadata, as before the decode path
     assert _generate(llm, batched) == fast
+
+
+def test_verify_steps_of_chain_drafts_take_the_decode_path(model_path):
+    """A verify step whose sequences all carry chain drafts of one length runs as Q-token decode rows,
+    with the tokens, and the cache, of the general path."""
+    llm = make_tiny_llm(model_path, speculative_adaptive=False, num_speculative_tokens=3)
+    runner = llm.engine.runner
+    query_lens = []
+    original = runner._execute_decode
+    runner._execute_decode = lambda batch, query_len: query_lens.append(query_len) or original(batch, query_len)
+    repetitive = ["one two three one two three one two three one two", "a b a b a b a b a b a b"]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, speculative="ngram")
+    fast = [o.outputs[0].token_ids for o in llm.generate(repetitive, params)]
+    assert max(query_lens) > 1 and llm.engine.stats()["spec_ngram_accepted_tokens"] > 0
+    runner._decode_path = False
+    assert [o.outputs[0].token_ids for o in llm.generate(repetitive, params)] == fast
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in llm.generate(repetitive, plain)] == fast
 
 
 def test_compiled_decode_gives_the_eager_tokens(tiny_llama_gguf):

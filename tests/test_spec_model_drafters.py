@@ -56,6 +56,22 @@ def test_full_depth_view_drafts_exactly_the_targets_tokens(tiny_llama_gguf):
     assert stats["spec_layerskip_acceptance_rate"] > 0.95
 
 
+def test_a_drafter_reads_accepted_tokens_as_decode_rows(tiny_llama_gguf):
+    """After a fully accepted draft the drafter reads two tokens (the last draft token and the target's
+    own); those run as two decode rows per sequence, and a full-depth drafter still drafts the target's tokens."""
+    reference = [o.outputs[0].token_ids for o in make_llm(tiny_llama_gguf).generate(PROMPTS[:2], greedy())]
+    llm = make_llm(tiny_llama_gguf, speculative_adaptive=False, num_speculative_tokens=4)
+    engine = llm.engine
+    drafter = engine._model_drafter("layerskip", layer_skip_view(engine.model, list(range(engine.model_config.num_layers))))
+    engine.speculator.proposers["layerskip"] = drafter
+    query_lens = []
+    original = drafter.runner._execute_decode
+    drafter.runner._execute_decode = lambda batch, query_len: query_lens.append(query_len) or original(batch, query_len)
+    outputs = [llm.generate(p, greedy(speculative="layerskip"))[0].outputs[0].token_ids for p in PROMPTS[:2]]
+    assert outputs == reference
+    assert 2 in query_lens and engine.stats()["spec_layerskip_acceptance_rate"] > 0.95
+
+
 def test_a_full_draft_pool_only_stops_drafting(tiny_llama_gguf):
     reference = [o.outputs[0].token_ids for o in make_llm(tiny_llama_gguf).generate(PROMPTS, greedy())]
     llm = make_llm(tiny_llama_gguf, speculative_adaptive=False, speculative_draft_kv_tokens=12)

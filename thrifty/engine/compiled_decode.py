@@ -36,12 +36,16 @@ class CompiledDecode:
         self.error: str | None = None  # why it fell back to eager, once it has
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
+        if x.shape[0] != meta.slot_ids.shape[0]:
+            # Several new tokens a sequence (verify steps) run eagerly: compiled, a float32 target's
+            # multi-row matmuls lose the oneDNN-blocked path (a 6-row verify step took 51 ms against 41).
+            return self.model.body(x, positions, meta)
         if self.error is None:
             # Dynamic dimensions instead of one graph per context length (and batch size, past 1).
             torch._dynamo.maybe_mark_dynamic(meta.slot_ids, 1)
             if x.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(meta.valid, 1)  # the context length again
-                for t in (x, positions, meta.slot_mapping, meta.slot_ids, meta.context_lens, meta.valid):
+                torch._dynamo.maybe_mark_dynamic(meta.allowed, 2)  # the context length again
+                for t in (x, positions, meta.slot_mapping, meta.slot_ids, meta.context_lens, meta.allowed):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         return self.model.body(x, positions, meta, self._run_layer)
 

@@ -31,6 +31,9 @@ KVHooks = tuple[AttentionObserver | None, LayerLengths | None, LowPrecisionToken
 # in `bench speed`). The next step faults its pages in again (about 5% of a prefill chunk), which
 # decode and speculative verify steps (one real token per sequence, the rest draft rows) skip.
 _RELEASE_AFTER_TOKENS = 256
+# Sequences reading this many new tokens or fewer each (and sampling only the last) run as decode
+# rows: a model drafter's first pass after an accepted draft reads two.
+_DECODE_MAX_TOKENS = 8
 
 
 def prompt_tokens(batch: list[ScheduledSequence]) -> int:
@@ -66,8 +69,9 @@ class ModelRunner:
         """
         no_hooks: KVHooks = (None, None, None)
         hooks = [self.kv_hooks_for(item.seq) if self.kv_hooks_for else no_hooks for item in batch]
-        if self._is_plain_decode(batch, hooks):
-            return self._execute_decode(batch)
+        query_len = self._decode_query_len(batch, hooks)
+        if query_len is not None:
+            return self._execute_decode(batch, query_len)
         input_ids: list[int] = []
         positions: list[int] = []
         slices: list[SequenceSlice] = []
@@ -114,21 +118,38 @@ class ModelRunner:
                  f" (fell back to eager: {compiled.error})" if compiled.error else "")
         self.decode_body = compiled
 
-    def _is_plain_decode(self, batch: list[ScheduledSequence], hooks: list[KVHooks]) -> bool:
-        """Whether every sequence computes exactly one token and samples from it, with nothing else asked
-        of attention (no draft, no KV policy hooks)."""
+    def _decode_query_len(self, batch: list[ScheduledSequence], hooks: list[KVHooks]) -> int | None:
+        """Q when every sequence computes Q new tokens (Q = 1 in plain decoding) and samples from
+        them, with nothing else asked of attention (no tree, no KV policy hooks): either one token
+        and a chain draft of Q - 1 (a verify step), or, for all of them, Q uncomputed tokens (a
+        drafter reading the last accepted tokens). None when the step needs the general path."""
         if not self._decode_path or not batch:
-            return False
-        if any(item.num_tokens != 1 or item.draft is not None or not item.completes for item in batch):
-            return False
-        return all(hook is None for item_hooks in hooks for hook in item_hooks)
+            return None
+        query_len = batch[0].num_query_tokens
+        drafted = batch[0].draft is not None
+        for item in batch:
+            if (item.num_query_tokens != query_len or (item.draft is not None) != drafted or not item.completes
+                    or (item.draft is not None and not item.draft.is_chain)):
+                return None
+        if not drafted and query_len > _DECODE_MAX_TOKENS:
+            return None
+        if any(hook is not None for item_hooks in hooks for hook in item_hooks):
+            return None
+        return query_len
 
-    def _execute_decode(self, batch: list[ScheduledSequence]) -> torch.Tensor:
+    def _execute_decode(self, batch: list[ScheduledSequence], query_len: int) -> torch.Tensor:
         seqs = [item.seq for item in batch]
         meta = DecodeMetadata.build([s.block_table for s in seqs], [s.num_cached_slots for s in seqs],
-                                    self.block_size, self.device)
-        input_ids = torch.tensor([s.token_ids[s.num_computed_tokens] for s in seqs], dtype=torch.long,
-                                 device=self.device)
+                                    self.block_size, self.device, query_len)
+        input_ids: list[int] = []
+        for item in batch:  # each sequence's new tokens, then its draft
+            start = item.seq.num_computed_tokens
+            input_ids.extend(item.seq.token_ids[start:start + item.num_tokens])
+            input_ids.extend(item.draft.token_ids if item.draft else ())
         positions = torch.tensor([s.num_computed_tokens for s in seqs], dtype=torch.long, device=self.device)
-        hidden = self.decode_body(self.model.embed(input_ids), positions, meta)
+        positions = (positions[:, None] + torch.arange(query_len, device=self.device)).flatten()
+        hidden = self.decode_body(self.model.embed(torch.tensor(input_ids, dtype=torch.long, device=self.device)),
+                                  positions, meta)
+        if batch[0].draft is None and query_len > 1:  # only each sequence's last token is sampled
+            hidden = hidden[query_len - 1::query_len]
         return self.model.compute_logits(hidden).float().cpu()

@@ -251,7 +251,8 @@ def _yarn_inv_freq(head_dim: int, theta: float, scaling: RopeScaling, original: 
 
 
 class RotaryEmbedding(nn.Module):
-    """cos and signed sin tables for positions, in Hugging Face's half-rotation layout ([T, head_dim]).
+    """cos and signed sin tables for positions, in Hugging Face's half-rotation layout ([T, 1, head_dim]:
+    the 1 broadcasts over heads, shaped once per step rather than in every layer).
 
     The sin table's first half is negated (`apply_rotary` rotates by rolling, which does not negate).
     """
@@ -274,17 +275,17 @@ class RotaryEmbedding(nn.Module):
         freqs = positions[:, None].float() * inv_freq[None, :]
         cos = (torch.cat((freqs, freqs), dim=-1).cos() * self.attention_factor).to(dtype)
         sin = (freqs.sin() * self.attention_factor).to(dtype)
-        return cos, torch.cat((-sin, sin), dim=-1)
+        return cos[:, None, :], torch.cat((-sin, sin), dim=-1)[:, None, :]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by the per-token angles (cos and signed sin [T, head_dim]).
+    """Rotate x [T, heads, head_dim] by the per-token angles (cos and signed sin [T, 1, head_dim]).
 
     Hugging Face's x * cos + [-x2, x1] * sin, as x * cos + [x2, x1] * [-sin, sin]: the same
     products bit for bit, in three ops instead of five.
     """
     rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
-    return x * cos[:, None, :] + rolled * signed_sin[:, None, :]
+    return x * cos + rolled * signed_sin
 
 
 class GatedMLP(nn.Module):
