@@ -128,8 +128,9 @@ class ModelRunner:
         query_len = batch[0].num_query_tokens
         drafted = batch[0].draft is not None
         for item in batch:
-            if (item.num_query_tokens != query_len or (item.draft is not None) != drafted or not item.completes
-                    or (item.draft is not None and not item.draft.is_chain)):
+            if item.num_query_tokens != query_len or (item.draft is not None) != drafted or not item.completes:
+                return None
+            if item.draft is not None and (item.num_tokens != 1 or not item.draft.is_chain):
                 return None
         if not drafted and query_len > _DECODE_MAX_TOKENS:
             return None
