@@ -25,6 +25,19 @@ def test_decode_metadata_lists_each_sequences_slots_and_its_new_slot():
     assert DecodeMetadata.build([[5, 2]], [6], BLOCK, torch.device("cpu")).allowed is None
 
 
+def _per_sequence(q, k, v, k_cache, v_cache, meta: DecodeMetadata, context_lens: list[int],
+                  window: int | None = None) -> torch.Tensor:
+    """Each sequence's rows attended alone, as the general path runs them (writing their K/V too)."""
+    query_len = q.shape[0] // len(context_lens)
+    expected = torch.empty_like(q)
+    for i, n in enumerate(context_lens):
+        slots, own = meta.slot_ids[i, :n], slice(i * query_len, (i + 1) * query_len)
+        alone = AttentionMetadata(slot_mapping=slots[-query_len:], sequences=[SequenceSlice(0, query_len, n, slots)])
+        expected[own] = paged_attention(q[own], k[own], v[own], k_cache, v_cache, alone, scale=0.3, layer=0,
+                                        sliding_window=window)
+    return expected
+
+
 @pytest.mark.parametrize("query_len", [1, 3])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("context_lens", [[13], [9, 30, 4, 17]])
@@ -42,12 +55,7 @@ def test_decode_attention_equals_the_per_sequence_path(window, context_lens, que
     q, k, v = (torch.randn(rows, h, D, generator=g) for h in (H, KVH, KVH))
     k_cache, v_cache = torch.randn(BLOCKS * BLOCK, KVH, D, generator=g), torch.randn(BLOCKS * BLOCK, KVH, D, generator=g)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    expected = torch.empty_like(q)
-    for i, n in enumerate(context_lens):  # each sequence alone, as the general path runs it
-        slots, own = meta.slot_ids[i, :n], slice(i * query_len, (i + 1) * query_len)
-        alone = AttentionMetadata(slot_mapping=slots[-query_len:], sequences=[SequenceSlice(0, query_len, n, slots)])
-        expected[own] = paged_attention(q[own], k[own], v[own], expected_k, expected_v, alone,
-                                        scale=0.3, layer=0, sliding_window=window)
+    expected = _per_sequence(q, k, v, expected_k, expected_v, meta, context_lens, window)
     out = decode_attention(q, k, v, k_cache, v_cache, meta, scale=0.3, sliding_window=window)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
@@ -68,11 +76,7 @@ def test_decode_attention_over_a_quantized_store_equals_the_per_sequence_path(qu
     everywhere = torch.arange(BLOCKS * BLOCK)
     store.write(everywhere, old_k, old_v)
     reference.write(everywhere, old_k, old_v)
-    expected = torch.empty_like(q)
-    for i, n in enumerate(context_lens):
-        slots, own = meta.slot_ids[i, :n], slice(i * query_len, (i + 1) * query_len)
-        alone = AttentionMetadata(slot_mapping=slots[-query_len:], sequences=[SequenceSlice(0, query_len, n, slots)])
-        expected[own] = paged_attention(q[own], k[own], v[own], reference, reference, alone, scale=0.3, layer=0)
+    expected = _per_sequence(q, k, v, reference, reference, meta, context_lens)
     out = decode_attention(q, k, v, store, store, meta, scale=0.3)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
 
@@ -103,8 +107,8 @@ def test_decode_path_gives_the_general_paths_tokens(model_path, batched):
 
 
 def test_verify_steps_of_chain_drafts_take_the_decode_path(model_path):
-    """A verify step whose sequences all carry chain drafts of one length runs as Q-token decode rows,
-    with the tokens, and the cache, of the general path."""
+    """A verify step whose sequences all carry chain drafts of one length runs as Q-token decode rows
+    and gives the general path's tokens (and plain decoding's)."""
     llm = make_tiny_llm(model_path, speculative_adaptive=False, num_speculative_tokens=3)
     runner = llm.engine.runner
     query_lens = []
