@@ -21,7 +21,7 @@ def test_decode_metadata_lists_each_sequences_slots_and_its_new_slot():
     assert meta.slot_ids[0, :6].tolist() == [20, 21, 22, 23, 8, 9]
     assert meta.slot_ids[1, :3].tolist() == [28, 29, 30]
     assert meta.slot_ids[2].tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 0]
-    assert meta.allowed[:, 0].sum(dim=1).tolist() == [6, 3, 9] and meta.context_lens[:, 0].tolist() == [6, 3, 9]
+    assert meta.allowed[:, 0].sum(dim=1).tolist() == [6, 3, 9] and meta.query_slots[:, 0].tolist() == [5, 2, 8]
     assert DecodeMetadata.build([[5, 2]], [6], BLOCK, torch.device("cpu")).allowed is None
 
 
@@ -84,7 +84,7 @@ def test_decode_attention_over_a_quantized_store_equals_the_per_sequence_path(qu
 def test_decode_metadata_for_several_new_tokens_masks_each_tokens_successors():
     meta = DecodeMetadata.build([[5, 2]], [6], BLOCK, torch.device("cpu"), query_len=3)
     assert meta.slot_mapping.tolist() == [23, 8, 9]  # the last three slots: the token and its two-token draft
-    assert meta.allowed[0].sum(dim=1).tolist() == [4, 5, 6]
+    assert meta.query_slots[0].tolist() == [3, 4, 5] and meta.allowed[0].sum(dim=1).tolist() == [4, 5, 6]
 
 
 def _generate(llm, batched: bool) -> list[list[int]]:

@@ -45,7 +45,7 @@ class CompiledDecode:
             torch._dynamo.maybe_mark_dynamic(meta.slot_ids, 1)
             if x.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(meta.allowed, 2)  # the context length again
-                for t in (x, positions, meta.slot_mapping, meta.slot_ids, meta.context_lens, meta.allowed):
+                for t in (x, positions, meta.slot_mapping, meta.slot_ids, meta.query_slots, meta.allowed):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         return self.model.body(x, positions, meta, self._run_layer)
 

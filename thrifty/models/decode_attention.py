@@ -26,7 +26,7 @@ class DecodeMetadata:
 
     slot_mapping: torch.Tensor  # int64 [B * Q]: where each new token's K/V goes (its sequence's last Q slots)
     slot_ids: torch.Tensor  # int64 [B, max_context]: each sequence's cache slots, oldest first, padded
-    context_lens: torch.Tensor  # int64 [B, 1]: cached slots of each sequence after this step's write
+    query_slots: torch.Tensor  # int64 [B, Q]: each new token's index among its sequence's slots (oldest 0)
     # bool [B, Q, max_context], the slots each new token may see (its sequence's, up to itself); None
     # when every slot is visible (one sequence, one new token)
     allowed: torch.Tensor | None
@@ -46,7 +46,7 @@ class DecodeMetadata:
         allowed = None
         if len(context_lens) > 1 or query_len > 1:  # slots past a shorter sequence's end belong to another or to none
             allowed = torch.arange(longest, device=device) <= query_slots[:, :, None]
-        return cls(slot_ids.gather(1, query_slots).flatten(), slot_ids, lens, allowed)
+        return cls(slot_ids.gather(1, query_slots).flatten(), slot_ids, query_slots, allowed)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -60,10 +60,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_cache.write(meta.slot_mapping, k, v)
         ks, vs = k_cache.gather(meta.slot_ids, q.dtype)  # [B, ctx, KVH, D]
         # Each new token as computed, not as stored (a quantized store rounds it), at its slot.
-        rows = torch.arange(batch, device=q.device).repeat_interleave(query_len)
-        new = (meta.context_lens - query_len + torch.arange(query_len, device=q.device)).flatten()
-        ks[rows, new] = k.to(q.dtype)
-        vs[rows, new] = v.to(q.dtype)
+        rows = torch.arange(batch, device=q.device)[:, None]
+        ks[rows, meta.query_slots] = k.view(batch, query_len, *k.shape[1:]).to(q.dtype)
+        vs[rows, meta.query_slots] = v.view(batch, query_len, *v.shape[1:]).to(q.dtype)
     else:
         k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
@@ -74,8 +73,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     allowed = meta.allowed
     if sliding_window is not None:
         slots = torch.arange(meta.slot_ids.shape[1], device=q.device)
-        query_slots = meta.context_lens - query_len + torch.arange(query_len, device=q.device)  # [B, Q]
-        in_window = slots > query_slots[:, :, None] - sliding_window
+        in_window = slots > meta.query_slots[:, :, None] - sliding_window
         allowed = in_window if allowed is None else allowed & in_window
     mask = None if allowed is None else allowed[:, None]  # [B, 1, Q, ctx]
     queries = q.view(batch, query_len, heads, head_dim).transpose(1, 2)  # [B, H, Q, D]
