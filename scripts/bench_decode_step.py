@@ -2,7 +2,7 @@
 
 Variants, timed in turn (A, B, C, A, B, C, ...) over the same sequences so machine load hits
 them alike: `general` (the per-sequence AttentionMetadata path every step took before),
-`decode` (the tensor-only DecodeMetadata path, eager) and, with --compile, `compiled`.
+`decode` (the tensor-only DecodeMetadata path, eager) and, with --compile, `compiled` (AOTInductor).
 Prints the median ms per step of each and the ratios to `general`.
 
     python scripts/bench_decode_step.py --weights auto --repeats 7 --steps 32 [--compile] [--realtime]
@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from thrifty.engine.compiled_decode import CompiledDecode
+from thrifty.catalog import resolve_model
+from thrifty.engine.compiled_decode import CompiledDecode, ModelRecipe
 from thrifty.engine.engine import EngineConfig, LLMEngine
 from thrifty.engine.sampling_params import SamplingParams
 
@@ -44,8 +45,8 @@ def main() -> None:
                                     kv_cache_tokens=args.batch * (args.prompt_len + total + 32)))
     runner, body = engine.runner, engine.model.body
     if args.compile:
-        compiled = CompiledDecode(engine.model)
-        print(f"compile + warm-up: {compiled.warm_up(engine.config.block_size, engine.device):.1f}s"
+        compiled = CompiledDecode(engine.model, ModelRecipe(str(resolve_model(args.model)), "float32", engine.weights))
+        print(f"compile (or load from the cache): {compiled.load():.1f}s"
               + (f" (fell back to eager: {compiled.error})" if compiled.error else ""))
     params = SamplingParams(temperature=0, max_tokens=total, ignore_eos=True)
     for i in range(args.batch):

@@ -1,4 +1,4 @@
-"""Plain decoding steps: the tensor-only DecodeMetadata path and its torch.compile'd form give what the
+"""Plain decoding steps: the tensor-only DecodeMetadata path and its compiled form give what the
 general per-sequence path gives."""
 
 import pytest
@@ -124,32 +124,74 @@ def test_verify_steps_of_chain_drafts_take_the_decode_path(model_path):
     assert [o.outputs[0].token_ids for o in llm.generate(repetitive, plain)] == fast
 
 
-def test_compiled_decode_gives_the_eager_tokens(tiny_llama_gguf):
-    eager = _generate(make_tiny_llm(tiny_llama_gguf), batched=True)
-    llm = make_tiny_llm(tiny_llama_gguf, compile=True)
-    assert llm.engine.runner.decode_body.error is None
-    assert _generate(llm, batched=True) == eager
+@pytest.fixture(scope="module")
+def aot_cache(tmp_path_factory):
+    """One cache of compiled graphs for this module's engines: each graph set is built once."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("THRIFTY_CACHE_DIR", str(tmp_path_factory.mktemp("thrifty_cache")))
+        yield
 
 
-def test_compiled_decode_does_not_recompile_as_contexts_grow(tiny_llama_gguf):
-    """The warm-up graphs take any batch size and context length: serving compiles nothing more."""
-    from torch._dynamo.utils import counters
+@pytest.mark.parametrize("weights", ["fp32", "int4"])
+def test_compiled_decode_gives_the_eager_tokens(tiny_llama_gguf, aot_cache, weights):
+    reference = make_tiny_llm(tiny_llama_gguf, weights=weights)
+    eager = [_generate(reference, batched=False), _generate(reference, batched=True)]
+    llm = make_tiny_llm(tiny_llama_gguf, weights=weights, compile=True)
+    compiled = llm.engine.runner.decode_body
+    assert compiled.error is None
+    ran = []
+    for kind, graph in compiled._graphs.items():  # count the calls each graph gets
+        compiled._graphs[kind] = _Counting(graph, kind, ran)
+    assert [_generate(llm, batched=False), _generate(llm, batched=True)] == eager
+    assert {"single", "batch"} <= set(ran)
 
-    llm = make_tiny_llm(tiny_llama_gguf, compile=True)
-    graphs = counters["stats"]["unique_graphs"]
-    _generate(llm, batched=True)  # contexts from 1 to 20 tokens, batches of 3 shrinking as prompts end
-    assert llm.engine.runner.decode_body.error is None
-    assert counters["stats"]["unique_graphs"] == graphs
+
+class _Counting:
+    def __init__(self, graph, kind: str, ran: list[str]) -> None:
+        self.graph, self.kind, self.ran = graph, kind, ran
+
+    def boxed_run(self, inputs):
+        self.ran.append(self.kind)
+        return self.graph.boxed_run(inputs)
 
 
-def test_a_failing_compiler_falls_back_to_eager(tiny_llama_gguf, monkeypatch):
+def test_compiled_verify_steps_give_plain_decodings_tokens(tiny_llama_gguf, aot_cache):
+    """With int4 weights, a verify step of one sequence's chain draft runs through the `verify` graph."""
+    llm = make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True, speculative_adaptive=False,
+                        num_speculative_tokens=3)
+    compiled = llm.engine.runner.decode_body
+    ran = []
+    compiled._graphs["verify"] = _Counting(compiled._graphs["verify"], "verify", ran)
+    repetitive = "one two three one two three one two three one two"
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, speculative="ngram")
+    fast = llm.generate([repetitive], params)[0].outputs[0].token_ids
+    assert ran and llm.engine.stats()["spec_ngram_accepted_tokens"] > 0
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    assert llm.generate([repetitive], plain)[0].outputs[0].token_ids == fast
+
+
+def test_a_second_engine_loads_the_compiled_graphs_from_the_cache(tiny_llama_gguf, aot_cache):
+    make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True)
+    again = make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True).engine.runner.decode_body
+    assert again.error is None and again.built == 0 and set(again._graphs) == set(compiled_decode.GRAPHS)
+
+
+def test_graph_kinds_cover_the_decode_steps_they_can_take():
+    kind = compiled_decode._graph_kind
+    assert [kind(1, 1), kind(2, 1), kind(16, 1), kind(1, 2), kind(1, 8)] == ["single", "batch", "batch",
+                                                                          "verify", "verify"]
+    assert kind(17, 1) is None and kind(1, 9) is None and kind(2, 2) is None  # these run eagerly
+
+
+def test_a_failing_compiler_falls_back_to_eager(tiny_llama_gguf, monkeypatch, tmp_path):
     def broken(*args):
-        raise RuntimeError("inductor is not available")
+        raise RuntimeError("no C++ compiler")
 
     eager = _generate(make_tiny_llm(tiny_llama_gguf), batched=False)
-    monkeypatch.setattr(compiled_decode, "_compiled_layer", broken)
+    monkeypatch.setenv("THRIFTY_CACHE_DIR", str(tmp_path))  # an empty cache: the build must run
+    monkeypatch.setattr(compiled_decode, "_build_in_child", broken)
     llm = make_tiny_llm(tiny_llama_gguf, compile=True)
-    assert "inductor is not available" in llm.engine.runner.decode_body.error
+    assert "no C++ compiler" in llm.engine.runner.decode_body.error
     assert _generate(llm, batched=False) == eager
 
 
@@ -160,7 +202,7 @@ def test_compile_with_a_quantized_kv_cache_is_refused(tiny_llama_gguf):
         make_tiny_llm(tiny_llama_gguf, compile=True, kv_cache_dtype="int8")
 
 
-def test_compile_also_compiles_the_model_drafters(tiny_llama_gguf):
+def test_compile_also_compiles_the_model_drafters(tiny_llama_gguf, aot_cache):
     """A drafter's passes are plain decoding steps of a small model, so --compile covers them too."""
     from thrifty.engine.compiled_decode import CompiledDecode
 

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default="smollm2-135m", help="catalog name or GGUF file")
     parser.add_argument("--weights", default="auto", help="thrifty's weight format (default auto)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="thrifty with torch.compile'd decode steps")
+    parser.add_argument("--compile", action="store_true", help="thrifty with decode steps compiled ahead of time (AOTInductor, cached)")
     parser.add_argument("--prompt-lens", default="128,512,2048", help="prefill lengths, comma-separated")
     parser.add_argument("--batch-sizes", default="1,4,8,16", help="decode batch sizes, comma-separated")
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens generated per sequence")

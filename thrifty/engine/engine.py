@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from thrifty.catalog import DEFAULT_MODEL, resolve_model
+from thrifty.engine.compiled_decode import ModelRecipe
 from thrifty.engine.detokenizer import IncrementalDetokenizer
 from thrifty.engine.model_runner import ModelRunner
 from thrifty.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -50,8 +51,8 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     chat_template: str | None = None  # overrides the model's own
     num_threads: int | None = None
-    # torch.compile of plain decoding steps (warmed up at start, eager if it fails); off by default
-    # because compiling takes tens of seconds to minutes on a small CPU (thrifty.engine.compiled_decode)
+    # Decode steps compiled ahead of time (AOTInductor, cached on disk, eager if building fails); off
+    # by default because the first build takes a minute or two on a small CPU (thrifty.engine.compiled_decode)
     compile: bool = False
     # KV eviction for requests that do not choose (SamplingParams.kv_policy): policy name and budget
     kv_policy: str | None = None
@@ -100,6 +101,8 @@ class EngineConfig:
         if self.compile and self.kv_cache_dtype != "auto":
             raise InvalidRequestError("compile runs with the full-precision KV cache only; "
                                       f"drop --compile or use kv_cache_dtype auto instead of {self.kv_cache_dtype}")
+        if self.compile and torch.device(self.device).type != "cpu":
+            raise InvalidRequestError(f"compile builds CPU decode steps only; drop --compile on device {self.device}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequestError("max_model_len must be at least 2")
 
@@ -167,7 +170,7 @@ class LLMEngine:
         self.kv_compressor = KVCompressor(self.kv_cache, self.block_manager, self.model_config, default_kv)
         self.runner = ModelRunner(self.model, config.block_size, self.device, self.kv_compressor.prepare)
         if config.compile:
-            self.runner.compile_decode()
+            self.runner.compile_decode(ModelRecipe(str(path), self.config.dtype, self.weights))
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.speculator = Speculator(self.block_manager, self.kv_cache.layers, self.tokenizer.eos_token_ids,
                                      self.max_model_len, config.speculative, config.num_speculative_tokens,
@@ -183,15 +186,18 @@ class LLMEngine:
             return None
         return lambda items: tqdm(items, desc=what, unit=" tensors", leave=False)
 
-    def _model_drafter(self, name: str, model: CausalLM, mirrored_layers: list[int] | None = None) -> ModelDrafter:
+    def _model_drafter(self, name: str, model: CausalLM, mirrored_layers: list[int] | None = None,
+                       recipe: ModelRecipe | None = None) -> ModelDrafter:
         """A drafter running `model`; `mirrored_layers` (the target layer each of its layers computes,
-        when it runs the target's own weights) lets it copy the target's KV instead of reading prompts."""
+        when it runs the target's own weights) lets it copy the target's KV instead of reading prompts.
+        With `compile`, its decode steps are compiled from `recipe` (how `model` was loaded); without
+        a recipe it runs eagerly."""
         num_blocks = max(1, self.config.speculative_draft_kv_tokens // self.config.block_size)
         target_kv = None if mirrored_layers is None else TargetKV(self.kv_cache.layers, self.block_manager,
                                                                   mirrored_layers)
         drafter = ModelDrafter(name, model, num_blocks, self.config.block_size, self.dtype, self.device, target_kv)
-        if self.config.compile:  # a drafter's passes are plain decoding steps of a small model: overhead-bound
-            drafter.runner.compile_decode()
+        if self.config.compile and recipe is not None:  # a drafter's passes are small plain decoding steps
+            drafter.runner.compile_decode(recipe)
         return drafter
 
     def _draft_model_drafter(self) -> ModelDrafter:
@@ -206,12 +212,15 @@ class LLMEngine:
         weights = resolve_choice(config.speculative_draft_weights, self.device)
         model = load_model(source, self.dtype, self.device, weights, self._progress("loading draft model"))
         own_weights = path == resolve_model(config.model)  # the target's file in another run format
-        return self._model_drafter("draft", model, list(range(self.model_config.num_layers)) if own_weights else None)
+        recipe = ModelRecipe(str(path), self.config.dtype, weights)
+        return self._model_drafter("draft", model, list(range(self.model_config.num_layers)) if own_weights else None,
+                                   recipe)
 
     def _layer_skip_drafter(self) -> ModelDrafter:
         """The `layerskip` proposer: the target itself running a subset of its layers."""
         kept = default_kept_layers(self.model_config.num_layers, self.config.speculative_layer_fraction)
-        return self._model_drafter("layerskip", layer_skip_view(self.model, kept), kept)
+        recipe = ModelRecipe(str(resolve_model(self.config.model)), self.config.dtype, self.weights, kept)
+        return self._model_drafter("layerskip", layer_skip_view(self.model, kept), kept, recipe)
 
     # -- requests -----------------------------------------------------------------------
 

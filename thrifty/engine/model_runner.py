@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from thrifty.engine.compiled_decode import CompiledDecode, ModelRecipe
 from thrifty.engine.scheduler import ScheduledSequence
 from thrifty.engine.sequence import Sequence
 from thrifty.kv.quant.lowbit import LowPrecisionTokens
@@ -104,18 +105,16 @@ class ModelRunner:
             release_free_memory()
         return logits
 
-    def compile_decode(self) -> None:
-        """Run plain decoding steps through torch.compile from now on, compiling them here."""
-        # Imported here: torch.compile loads Dynamo and inductor (~100 MB RSS), only for those who ask.
-        from thrifty.engine.compiled_decode import CompiledDecode
-
+    def compile_decode(self, recipe: ModelRecipe) -> None:
+        """Run plain decoding steps through AOTInductor graphs from now on (built now, or found in the
+        cache); `recipe` says how the model was loaded, for the build in a child process."""
         if not self._decode_path:
-            log.warning("torch.compile not used: this model's attention has no plain decoding path")
+            log.warning("compiled decode steps not used: this model's attention has no plain decoding path")
             return
-        compiled = CompiledDecode(self.model)
-        seconds = compiled.warm_up(self.block_size, self.device)
-        log.info("compiled the decode step in %.1fs%s", seconds,
-                 f" (fell back to eager: {compiled.error})" if compiled.error else "")
+        compiled = CompiledDecode(self.model, recipe)
+        seconds = compiled.load()
+        log.info("compiled decode steps ready in %.1fs%s", seconds,
+                 f" (running eagerly: {compiled.error})" if compiled.error else "")
         self.decode_body = compiled
 
     def _decode_query_len(self, batch: list[ScheduledSequence], hooks: list[KVHooks]) -> int | None:
