@@ -241,8 +241,8 @@ class CompiledDecode:
         self._tensors: list[torch.Tensor] = []
         # float32 weights have oneDNN-blocked copies for several rows that only eager runs use (a
         # compiled 6-row verify step of the float32 target took 51 ms against 41 eager).
-        self._kinds = GRAPHS if not any(isinstance(m, Linear) and m.blocked is not None for m in model.modules()) \
-            else tuple(k for k in GRAPHS if k != "verify")
+        blocked = any(isinstance(m, Linear) and m.blocked is not None for m in model.modules())
+        self._kinds = tuple(k for k in GRAPHS if not (blocked and k == "verify"))
 
     def load(self) -> float:
         """Build (or find in the cache) and load the graphs; return the seconds it took."""

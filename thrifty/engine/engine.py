@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -169,8 +169,9 @@ class LLMEngine:
             default_kv = KVSpec(config.kv_policy, config.kv_budget, dict(config.kv_policy_options or {}))
         self.kv_compressor = KVCompressor(self.kv_cache, self.block_manager, self.model_config, default_kv)
         self.runner = ModelRunner(self.model, config.block_size, self.device, self.kv_compressor.prepare)
+        self.recipe = ModelRecipe(str(path), config.dtype, self.weights)  # how to rebuild the model elsewhere
         if config.compile:
-            self.runner.compile_decode(ModelRecipe(str(path), self.config.dtype, self.weights))
+            self.runner.compile_decode(self.recipe)
         self.sampler = Sampler(self.tokenizer.eos_token_ids)
         self.speculator = Speculator(self.block_manager, self.kv_cache.layers, self.tokenizer.eos_token_ids,
                                      self.max_model_len, config.speculative, config.num_speculative_tokens,
@@ -219,8 +220,8 @@ class LLMEngine:
     def _layer_skip_drafter(self) -> ModelDrafter:
         """The `layerskip` proposer: the target itself running a subset of its layers."""
         kept = default_kept_layers(self.model_config.num_layers, self.config.speculative_layer_fraction)
-        recipe = ModelRecipe(str(resolve_model(self.config.model)), self.config.dtype, self.weights, kept)
-        return self._model_drafter("layerskip", layer_skip_view(self.model, kept), kept, recipe)
+        return self._model_drafter("layerskip", layer_skip_view(self.model, kept), kept,
+                                   replace(self.recipe, kept_layers=kept))
 
     # -- requests -----------------------------------------------------------------------
 

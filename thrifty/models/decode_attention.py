@@ -6,8 +6,8 @@ new tokens before it. Such a step (no prefill chunk, draft tree, attention obser
 or demoted tokens) needs only a few tensors, built once per step by the model runner: where each new
 token's K/V goes, each sequence's cache slots padded to the longest, and which slots each new token
 may see. Every layer then runs the same few tensor ops, with no per-sequence Python, which is both
-cheaper in eager mode and what torch.compile can trace into one graph whose context length is a
-dynamic dimension.
+cheaper in eager mode and what torch.export can trace into one compiled graph whose context length
+is a dynamic dimension (thrifty.engine.compiled_decode).
 """
 
 from __future__ import annotations
