@@ -314,7 +314,7 @@ def test_a_proposers_first_drafts_are_probes_then_the_margin_decides():
     control = AdaptiveDraftLength(cost, probe_drafts=3)
     for _ in range(3):
         seq = seq_of([1, 2])
-        assert control.draft_length(seq, 5, 1, 1, proposer="draft") > 0  # probing
+        assert control.draft_length(seq, 5, 1, 1, proposer="draft") == 5  # probing: every depth gets measured
         control.update(seq, 1, 2, "draft")
     assert control.draft_length(seq_of([1, 2]), 5, 1, 1, proposer="draft") == 0
     for _ in range(3):

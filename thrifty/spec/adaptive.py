@@ -183,11 +183,18 @@ class AdaptiveDraftLength:
 
     def _best_length(self, seq: Sequence, max_tokens: int, num_decoding: int, batch_tokens: int,
                      seconds_per_token: float, seconds_per_draft: float, proposer: str, probing: bool) -> int:
-        """The k with the largest margin (any k when probing; none below `min_gain` otherwise)."""
+        """The k with the largest margin, none below `min_gain`; a probe drafts `max_tokens`.
+
+        A probe is there to measure the proposer at every depth: a one-token probe (the least bad
+        margin while the depths are unknown) would never show that a draft model's drafts are
+        accepted in runs, and the controller went on pricing its drafts as geometric.
+        """
+        if probing:
+            return max_tokens
         alpha = min(self.acceptance(seq, proposer), 0.99)
         a, b, c = self.cost.coefficients()
         step = a + b * max(batch_tokens, 1)
-        best_k, best_margin = 0, -float("inf") if probing else self.min_gain
+        best_k, best_margin = 0, self.min_gain
         expected, reach = 1.0, 1.0
         for k in range(1, max_tokens + 1):
             reach *= alpha if k == 1 else self._continuation(proposer, k, alpha)
