@@ -1,6 +1,9 @@
 """Plain decoding steps: the tensor-only DecodeMetadata path and its compiled form give what the
 general per-sequence path gives."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -146,6 +149,20 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_llama_gguf, aot_cache, weig
     assert {"single", "batch"} <= set(ran)
 
 
+def test_compiled_decode_gives_the_eager_tokens_on_gemma3(tiny_gemma3_gguf, aot_cache):
+    """Gemma 3's layers (sliding-window attention, query/key norms, scaled embeddings) traced too."""
+    reference = make_tiny_llm(tiny_gemma3_gguf, weights="int4")
+    eager = [_generate(reference, batched=False), _generate(reference, batched=True)]
+    llm = make_tiny_llm(tiny_gemma3_gguf, weights="int4", compile=True)
+    compiled = llm.engine.runner.decode_body
+    assert compiled.error is None
+    ran = []
+    for kind, graph in compiled._graphs.items():
+        compiled._graphs[kind] = _Counting(graph, kind, ran)
+    assert [_generate(llm, batched=False), _generate(llm, batched=True)] == eager
+    assert {"single", "batch"} <= set(ran)
+
+
 class _Counting:
     def __init__(self, graph, kind: str, ran: list[str]) -> None:
         self.graph, self.kind, self.ran = graph, kind, ran
@@ -181,6 +198,27 @@ def test_graph_kinds_cover_the_decode_steps_they_can_take():
     assert [kind(1, 1), kind(2, 1), kind(16, 1), kind(1, 2), kind(1, 8)] == ["single", "batch", "batch",
                                                                           "verify", "verify"]
     assert kind(17, 1) is None and kind(1, 9) is None and kind(2, 2) is None  # these run eagerly
+
+
+def test_packages_unused_for_a_month_and_dead_builds_partial_files_are_pruned(tmp_path):
+    now = 1_000_000_000.0
+    ages = {"used-yesterday.pt2": 86400, "unused.pt2": (compiled_decode.UNUSED_DAYS + 1) * 86400,
+            "key.123.partial.pt2": (compiled_decode.PARTIAL_HOURS + 1) * 3600, "key.456.partial.pt2": 60, "notes.txt": 10**8}
+    for name, age in ages.items():
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (now - age, now - age))
+    compiled_decode._prune_cache(tmp_path, now)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.456.partial.pt2", "notes.txt", "used-yesterday.pt2"]
+
+
+def test_loading_a_cached_package_marks_it_used(tiny_llama_gguf, aot_cache):
+    make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True)  # built here or by an earlier test
+    packages = list((Path(os.environ["THRIFTY_CACHE_DIR"]) / "aot").glob("*.pt2"))
+    for path in packages:
+        os.utime(path, (0, 0))
+    llm = make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True)
+    assert llm.engine.runner.decode_body.built == 0
+    assert sum(1 for path in packages if path.stat().st_mtime > 0) == len(compiled_decode.GRAPHS)
 
 
 def test_a_failing_compiler_falls_back_to_eager(tiny_llama_gguf, monkeypatch, tmp_path):

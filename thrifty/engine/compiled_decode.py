@@ -16,8 +16,9 @@ formats and shapes. Builds run in a child process (`python -m thrifty.engine.com
 REQUEST`), so neither the compiler's memory (about 300 MB) nor inductor's import stays in the server,
 and land in a cache directory ($THRIFTY_CACHE_DIR/aot, default ~/.cache/thrifty/aot) keyed by
 everything the graph depends on: the first start builds (about a minute per graph for SmolLM2),
-later ones load in well under a second. Packages of older code or models stay in the directory
-until removed by hand.
+later ones load in well under a second. Each load marks its package as used, and each build
+removes the packages no start has used for UNUSED_DAYS (older code, models no longer served) and
+partial files that crashed builds left behind.
 
 There are three graphs (GRAPHS below), with the context length and the cache size dynamic: one
 sequence with one new token, a batch of them, and one sequence with a few new tokens (a verify
@@ -144,6 +145,20 @@ class ModelRecipe:
         return getattr(torch, self.dtype)
 
 
+UNUSED_DAYS = 30  # a package no start has loaded for this long is removed at the next build
+PARTIAL_HOURS = 6  # a build's partial file this old belongs to a build that died
+
+
+def _prune_cache(directory: Path, now: float) -> None:
+    """Remove packages unused for UNUSED_DAYS and partial files of dead builds (by modification time,
+    which each load refreshes). A loaded package is unpacked at load, so removing it harms no one."""
+    for path in directory.glob("*.pt2"):
+        limit = PARTIAL_HOURS * 3600 if path.name.endswith(".partial.pt2") else UNUSED_DAYS * 86400
+        with contextlib.suppress(OSError):  # another start may have removed or replaced it just now
+            if now - path.stat().st_mtime > limit:
+                path.unlink()
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("THRIFTY_CACHE_DIR") or Path.home() / ".cache" / "thrifty"
     return Path(root) / "aot"
@@ -263,6 +278,10 @@ class CompiledDecode:
             _build_in_child(self.recipe, kind, partial)
             partial.replace(path)  # atomic: a concurrent start never loads half a file
             self.built += 1
+            _prune_cache(path.parent, time.time())
+        else:
+            with contextlib.suppress(OSError):  # pruned by another start just now: the load below says so
+                os.utime(path)  # used: keeps it from being pruned
         # model name, run single-threaded (one caller), one runner, CPU
         return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1)
 
