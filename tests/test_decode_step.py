@@ -135,29 +135,18 @@ def aot_cache(tmp_path_factory):
         yield
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int4"])
-def test_compiled_decode_gives_the_eager_tokens(tiny_llama_gguf, aot_cache, weights):
-    reference = make_tiny_llm(tiny_llama_gguf, weights=weights)
+@pytest.mark.parametrize(("model_file", "weights"), [("tiny_llama_gguf", "fp32"), ("tiny_llama_gguf", "int4"),
+                                                       ("tiny_gemma3_gguf", "int4")])
+def test_compiled_decode_gives_the_eager_tokens(request, aot_cache, model_file, weights):
+    """Llama and Gemma 3 layers (sliding-window attention, query/key norms, scaled embeddings)."""
+    path = request.getfixturevalue(model_file)
+    reference = make_tiny_llm(path, weights=weights)
     eager = [_generate(reference, batched=False), _generate(reference, batched=True)]
-    llm = make_tiny_llm(tiny_llama_gguf, weights=weights, compile=True)
+    llm = make_tiny_llm(path, weights=weights, compile=True)
     compiled = llm.engine.runner.decode_body
     assert compiled.error is None
     ran = []
     for kind, graph in compiled._graphs.items():  # count the calls each graph gets
-        compiled._graphs[kind] = _Counting(graph, kind, ran)
-    assert [_generate(llm, batched=False), _generate(llm, batched=True)] == eager
-    assert {"single", "batch"} <= set(ran)
-
-
-def test_compiled_decode_gives_the_eager_tokens_on_gemma3(tiny_gemma3_gguf, aot_cache):
-    """Gemma 3's layers (sliding-window attention, query/key norms, scaled embeddings) traced too."""
-    reference = make_tiny_llm(tiny_gemma3_gguf, weights="int4")
-    eager = [_generate(reference, batched=False), _generate(reference, batched=True)]
-    llm = make_tiny_llm(tiny_gemma3_gguf, weights="int4", compile=True)
-    compiled = llm.engine.runner.decode_body
-    assert compiled.error is None
-    ran = []
-    for kind, graph in compiled._graphs.items():
         compiled._graphs[kind] = _Counting(graph, kind, ran)
     assert [_generate(llm, batched=False), _generate(llm, batched=True)] == eager
     assert {"single", "batch"} <= set(ran)

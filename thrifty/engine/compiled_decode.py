@@ -254,8 +254,8 @@ class CompiledDecode:
         self.built = 0  # graphs built (not found in the cache) by this instance
         self._graphs: dict[str, torch._C._aoti.AOTIModelPackageLoader] = {}
         self._tensors: list[torch.Tensor] = []
-        # float32 weights have oneDNN-blocked copies for several rows that only eager runs use (a
-        # compiled 6-row verify step of the float32 target took 51 ms against 41 eager).
+        # float32 weights have oneDNN-blocked copies for several rows that only eager runs use (the
+        # body of a 6-row verify step of the float32 SmolLM2 took 33.4 ms compiled against 27.5 eager).
         blocked = any(isinstance(m, Linear) and m.blocked is not None for m in model.modules())
         self._kinds = tuple(k for k in GRAPHS if not (blocked and k == "verify"))
 
