@@ -9,6 +9,7 @@ import torch
 
 from thrifty.engine import compiled_decode
 from thrifty.engine.sampling_params import SamplingParams
+from thrifty.models import blocked_linear
 from thrifty.models.decode_attention import DecodeMetadata, decode_attention
 from thrifty.models.paged_attention import AttentionMetadata, SequenceSlice, paged_attention
 from tests.fixtures.tiny_models import make_tiny_llm
@@ -161,19 +162,35 @@ class _Counting:
         return self.graph.boxed_run(inputs)
 
 
-def test_compiled_verify_steps_give_plain_decodings_tokens(tiny_llama_gguf, aot_cache):
-    """With int4 weights, a verify step of one sequence's chain draft runs through the `verify` graph."""
-    llm = make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True, speculative_adaptive=False,
+@pytest.mark.parametrize("weights", ["int4", "fp32"])
+def test_compiled_verify_steps_give_plain_decodings_tokens(tiny_llama_gguf, aot_cache, monkeypatch, weights):
+    """A verify step of one sequence's chain draft runs through the `verify` graph; in float32 its
+    matmuls go through the weights' oneDNN-blocked copies."""
+    llm = make_tiny_llm(tiny_llama_gguf, weights=weights, compile=True, speculative_adaptive=False,
                         num_speculative_tokens=3)
     compiled = llm.engine.runner.decode_body
     ran = []
     compiled._graphs["verify"] = _Counting(compiled._graphs["verify"], "verify", ran)
+    found = _CountingLookups(blocked_linear._BLOCKED)
+    monkeypatch.setattr(blocked_linear, "_BLOCKED", found)
     repetitive = "one two three one two three one two three one two"
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, speculative="ngram")
     fast = llm.generate([repetitive], params)[0].outputs[0].token_ids
     assert ran and llm.engine.stats()["spec_ngram_accepted_tokens"] > 0
+    assert (found.hits > 0) == (weights == "fp32")
     plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     assert llm.generate([repetitive], plain)[0].outputs[0].token_ids == fast
+
+
+class _CountingLookups(dict):
+    def __init__(self, entries) -> None:
+        super().__init__(entries)
+        self.hits = 0
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        self.hits += value is not None
+        return value
 
 
 def test_a_second_engine_loads_the_compiled_graphs_from_the_cache(tiny_llama_gguf, aot_cache):

@@ -153,6 +153,31 @@ def test_fp32_linear_with_its_onednn_copy_equals_the_plain_matmul(rows, bias):
     torch.testing.assert_close(plain.double(), reference, rtol=1e-5, atol=1e-5)
 
 
+def test_the_blocked_linear_op_finds_a_weights_copy_while_the_weight_lives():
+    import gc
+
+    from thrifty.models import blocked_linear
+    from thrifty.models.layers import Linear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    linear = Linear(K, N, False, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        linear.weight.copy_(weight())
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(2))
+    reference = x.double() @ linear.weight.double().t()
+    key = blocked_linear._key(linear.weight)
+    unblocked = blocked_linear.blocked_linear(x, linear.weight)  # no copy yet: the plain matmul
+    linear.block_for_onednn()
+    assert blocked_linear._BLOCKED[key] is linear.blocked
+    torch.testing.assert_close(unblocked.double(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blocked_linear.blocked_linear(x, linear.weight).double(), reference,
+                               rtol=1e-5, atol=1e-5)
+    del linear
+    gc.collect()
+    assert key not in blocked_linear._BLOCKED  # a later weight at the same address must not find it
+
+
 def test_only_fp32_engines_keep_onednn_copies(tiny_llama_gguf):
     from thrifty import LLM
     from thrifty.models.layers import Linear

@@ -22,9 +22,9 @@ partial files that crashed builds left behind.
 
 There are three graphs (GRAPHS below), with the context length and the cache size dynamic: one
 sequence with one new token, a batch of them, and one sequence with a few new tokens (a verify
-step, a drafter's short read). Other steps run eagerly, as do steps of several tokens for a float32
-model (there oneDNN's blocked weights, which only eager runs use, win), and everything after a
-failure to build, load or run.
+step, a drafter's short read). Other steps run eagerly, as does everything after a failure to build,
+load or run. A float32 model's batch and verify graphs call its matmuls through the oneDNN-blocked
+weight copies (thrifty.models.blocked_linear), which win from three rows on.
 """
 
 from __future__ import annotations
@@ -89,12 +89,9 @@ def tensor_slots(model: CausalLM) -> list[TensorSlot]:
         for attr, param in module.named_parameters(recurse=False):
             if param.numel():  # a packed Linear's float weight is an empty placeholder
                 slots.append(TensorSlot(module, attr, f"{path}.{attr}"))
-        if isinstance(module, Linear):
-            if module.packed is not None:
-                slots += [TensorSlot(module.packed, attr, f"{path}.packed.{attr}")
-                          for attr, value in vars(module.packed).items() if isinstance(value, torch.Tensor)]
-            if module.blocked is not None:
-                slots.append(TensorSlot(module, "blocked", f"{path}.blocked"))
+        if isinstance(module, Linear) and module.packed is not None:
+            slots += [TensorSlot(module.packed, attr, f"{path}.packed.{attr}")
+                      for attr, value in vars(module.packed).items() if isinstance(value, torch.Tensor)]
         if hasattr(module, "k_cache") and hasattr(module, "v_cache"):
             slots += [TensorSlot(module, "k_cache", f"{path}.k_cache"), TensorSlot(module, "v_cache", f"{path}.v_cache")]
     return slots
@@ -254,16 +251,12 @@ class CompiledDecode:
         self.built = 0  # graphs built (not found in the cache) by this instance
         self._graphs: dict[str, torch._C._aoti.AOTIModelPackageLoader] = {}
         self._tensors: list[torch.Tensor] = []
-        # float32 weights have oneDNN-blocked copies for several rows that only eager runs use (the
-        # body of a 6-row verify step of the float32 SmolLM2 took 33.4 ms compiled against 27.5 eager).
-        blocked = any(isinstance(m, Linear) and m.blocked is not None for m in model.modules())
-        self._kinds = tuple(k for k in GRAPHS if not (blocked and k == "verify"))
 
     def load(self) -> float:
         """Build (or find in the cache) and load the graphs; return the seconds it took."""
         start = time.perf_counter()
         try:
-            for kind in self._kinds:
+            for kind in GRAPHS:
                 self._graphs[kind] = self._load(kind)
             self._tensors = [slot.get() for slot in self.slots]
         except Exception as exc:  # noqa: BLE001 - a compiler failure must leave a working engine

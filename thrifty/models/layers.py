@@ -16,6 +16,7 @@ from torch import nn
 
 from thrifty.config import ModelConfig, RopeScaling
 from thrifty.loading.weights import QuantizedWeight, WeightTensor, to_tensor
+from thrifty.models import blocked_linear
 from thrifty.models.decode_attention import DecodeMetadata, decode_attention
 from thrifty.models.paged_attention import AttentionMetadata, paged_attention
 from thrifty.quant.formats import weight_format
@@ -48,8 +49,13 @@ def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  blocked: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    # Compiling first: a check of the rows would pin a compiled batch graph to its warm-up batch size.
-    if not torch.compiler.is_compiling() and blocked is not None and rows >= _BLOCKED_FP32_ROWS:
+    if blocked is not None and torch.compiler.is_compiling():
+        # A graph's row count is symbolic where it takes several (2-16 sequences, 2-8 new tokens) and
+        # those mostly have 3 or more; comparing it would pin the graph to its example's count.
+        if not isinstance(rows, int):
+            y = blocked_linear.blocked_linear(x, weight)
+            return y if bias is None else y + bias
+    elif blocked is not None and rows >= _BLOCKED_FP32_ROWS:
         return with_padded_rows(lambda rows: torch.ops.mkldnn._linear_pointwise(rows, blocked, bias, "none", [], ""), x)
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not 0 < rows <= _SMALL_FP32_ROWS:
         return F.linear(x, weight, bias)
@@ -147,6 +153,8 @@ class Linear(WeightModule):
         """Keep a oneDNN-blocked copy of a dense float32 weight for calls of several rows."""
         if self.packed is None and self.weights_choice == "fp32":
             self.blocked = onednn_blocked(self.weight)
+            if self.blocked is not None:
+                blocked_linear.register(self.weight, self.blocked)
 
 
 class Embedding(WeightModule):
