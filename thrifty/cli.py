@@ -31,7 +31,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="CPU threads for PyTorch")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="compile the decode steps ahead of time (AOTInductor): built at the first start (about "
-                        "a minute per graph, 2-3 graphs per model), then loaded from $THRIFTY_CACHE_DIR/aot; about "
+                        "a minute per graph, 3 graphs per model), then loaded from $THRIFTY_CACHE_DIR/aot; about "
                         "2x faster batch-1 steps on a 2-core CPU; eager if building fails (default off)")
     g.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template to use instead of the model's")
     g.add_argument("--kv-policy", help="KV eviction for requests that do not choose: streaming_llm, h2o, snapkv, "
