@@ -51,7 +51,7 @@ def main() -> None:
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k)
         int8, int4 = Int8Weight.from_float(w), Int4Weight.from_float(w)
-        codes = int8.q  # unpacked once: a weight on the GEMM path keeps only fbgemm's packed copy
+        codes = int8.q  # unpacked once: a weight on the GEMM path keeps only the GEMM's packed copy
         for rows in map(int, args.rows.split(",")):
             x = torch.randn(rows, k).to(torch.bfloat16)
             cases = {

@@ -150,7 +150,7 @@ def test_compiled_decode_gives_the_eager_tokens(request, aot_cache, model_file, 
     for kind, graph in compiled._graphs.items():  # count the calls each graph gets
         compiled._graphs[kind] = _Counting(graph, kind, ran)
     assert [_generate(llm, batched=False), _generate(llm, batched=True)] == eager
-    assert {"single", "batch"} <= set(ran)
+    assert "single" in ran and set(ran) & {"batch", compiled_decode.TILES_GRAPH}  # batch_tiles on AMX CPUs
 
 
 class _Counting:
@@ -193,10 +193,66 @@ class _CountingLookups(dict):
         return value
 
 
+@pytest.mark.parametrize("kind", ["single", "batch", "verify", compiled_decode.TILES_GRAPH])
+def test_only_the_tiles_graph_multiplies_int4_through_the_tile_layout(tiny_llama_gguf, kind):
+    """On an AMX CPU the batch_tiles graph calls thrifty::int4_tiles_mm (lowered to inductor's AMX
+    template at build time); the others keep PyTorch's int4 op, whose rows do not depend on the batch."""
+    from thrifty.quant.int4_tiles import amx_available, in_graphs_of_several_rows
+
+    model = make_tiny_llm(tiny_llama_gguf, weights="int4").engine.model
+    slots = compiled_decode.tensor_slots(model)
+    args, dynamic = compiled_decode._example(model, torch.float32, slots, kind)
+    with torch.no_grad(), in_graphs_of_several_rows(kind == compiled_decode.TILES_GRAPH):
+        program = torch.export.export(compiled_decode._Body(model, slots), args, dynamic_shapes=dynamic, strict=False)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    tiled = kind == compiled_decode.TILES_GRAPH and amx_available()
+    assert ("thrifty.int4_tiles_mm.default" in targets) == tiled
+    assert ("aten._weight_int4pack_mm_for_cpu.default" in targets) == (not tiled)
+
+
+def test_batches_that_speculate_keep_off_the_tiles_graph(tiny_llama_gguf, aot_cache):
+    """Plain batch steps of speculating sequences must round as their verify steps (eager) do."""
+    from thrifty.quant.int4_tiles import amx_available
+
+    if not amx_available():
+        pytest.skip("the tiles graph is built on CPUs with AMX only")
+    llm = make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True, speculative_adaptive=False,
+                        num_speculative_tokens=3)
+    compiled = llm.engine.runner.decode_body
+    assert compiled.error is None and compiled_decode.TILES_GRAPH in compiled._graphs
+    ran = []
+    for kind, graph in compiled._graphs.items():
+        compiled._graphs[kind] = _Counting(graph, kind, ran)
+    llm.generate(PROMPTS, GREEDY)
+    assert compiled_decode.TILES_GRAPH in ran and "batch" not in ran
+    ran.clear()
+    speculating = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, speculative="ngram")
+    llm.generate(PROMPTS, speculating)
+    assert "batch" in ran and compiled_decode.TILES_GRAPH not in ran
+
+
+def test_the_builders_check_refuses_a_graph_that_parts_from_eager(tiny_llama_gguf):
+    """The check compares the keys and values a graph writes in the first layers with eager's."""
+    model = make_tiny_llm(tiny_llama_gguf, weights="int4").engine.model
+    slots = compiled_decode.tensor_slots(model)
+    body = compiled_decode._Body(model, slots)
+
+    def eager(inputs, noise=0.0):  # the body, on activations off by `noise` (relative) if asked
+        x, positions, slot_mapping, slot_ids, query_slots, allowed, *tensors = inputs
+        x = x + noise * x.std() * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            return body(x, positions, slot_mapping, slot_ids, query_slots, allowed, tuple(tensors))
+
+    compiled_decode.check_against_eager(model, torch.float32, slots, "batch", eager)
+    compiled_decode.check_against_eager(model, torch.float32, slots, "batch", lambda inputs: eager(inputs, 1e-3))
+    with pytest.raises(RuntimeError, match="parts from the eager one: the k it writes at layer 0"):
+        compiled_decode.check_against_eager(model, torch.float32, slots, "batch", lambda inputs: eager(inputs, 1.0))
+
+
 def test_a_second_engine_loads_the_compiled_graphs_from_the_cache(tiny_llama_gguf, aot_cache):
     make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True)
     again = make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True).engine.runner.decode_body
-    assert again.error is None and again.built == 0 and set(again._graphs) == set(compiled_decode.GRAPHS)
+    assert again.error is None and again.built == 0 and set(again._graphs) == set(again.kinds)
 
 
 def test_graph_kinds_cover_the_decode_steps_they_can_take():
@@ -224,7 +280,7 @@ def test_loading_a_cached_package_marks_it_used(tiny_llama_gguf, aot_cache):
         os.utime(path, (0, 0))
     llm = make_tiny_llm(tiny_llama_gguf, weights="int4", compile=True)
     assert llm.engine.runner.decode_body.built == 0
-    assert sum(1 for path in packages if path.stat().st_mtime > 0) == len(compiled_decode.GRAPHS)
+    assert sum(1 for path in packages if path.stat().st_mtime > 0) == len(llm.engine.runner.decode_body.kinds)
 
 
 def test_a_failing_compiler_falls_back_to_eager(tiny_llama_gguf, monkeypatch, tmp_path):

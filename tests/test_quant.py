@@ -17,7 +17,7 @@ from thrifty.quant.packed import (
     pack,
 )
 
-N, K = 48, 96  # int4 wants N % 16 == 0 and K % 32 == 0
+N, K = 64, 96  # int4 wants N % 32 == 0 (its AMX tiles) and K % 32 == 0
 
 
 def weight(seed: int = 0) -> torch.Tensor:
@@ -55,6 +55,25 @@ def test_int4_repacks_a_q4_1_gguf_weight_onto_its_own_grid():
     assert float((repacked - stored).abs().max()) < 0.02 * float(stored.abs().max())
 
 
+def test_int4_tiles_hold_the_codes_and_multiply_as_the_int4_kernel():
+    from thrifty.quant.int4_tiles import TILE_N, int4_tiles_mm, to_tiles
+
+    w = weight(8)
+    packed = Int4Weight.from_float(w)
+    codes = torch.round((w.view(N, -1, 32) - packed.low.float()[..., None]) / packed.scale.float()[..., None])
+    codes = codes.clamp(0, 15).to(torch.uint8).view(N, K)
+    assert torch.equal(packed.codes(), codes)
+    # The layout itself, on one hand-checked entry: feature n of a tile sits in byte n % (TILE_N / 2),
+    # low nibble for the tile's first half.
+    tiles = to_tiles(codes).view(N // TILE_N, K, TILE_N // 2)
+    assert int(tiles[1, 5, 3]) == int(codes[TILE_N + 3, 5]) | int(codes[TILE_N + TILE_N // 2 + 3, 5]) << 4
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.packed, 32, packed.scales_and_zeros)
+    tiled = int4_tiles_mm(x, packed.tiles, 32, packed.scales_and_zeros)
+    assert tiled.dtype == torch.bfloat16 and tiled.shape == (5, N)
+    torch.testing.assert_close(tiled.float(), kernel.float(), atol=0.01 * float(kernel.abs().max()), rtol=0)
+
+
 def test_concat_stacks_outputs_and_mixes_formats():
     a, b = Int4Weight.from_float(weight(3)), Int8Weight.from_float(weight(4))
     x = torch.randn(2, K)
@@ -69,12 +88,17 @@ needs_vnni = pytest.mark.skipif(not torch.cpu._is_vnni_supported(), reason="the 
 
 
 @needs_vnni
-def test_int8_gemm_path_is_precise_and_batch_invariant(monkeypatch):
+@pytest.mark.parametrize("gemm", ["onednn", "fbgemm"])
+def test_int8_gemm_path_is_precise_and_batch_invariant(monkeypatch, gemm):
+    if gemm == "onednn" and not packed.amx_available():
+        pytest.skip("oneDNN's int8 GEMM is taken on CPUs with AMX")
+    monkeypatch.setattr(packed, "amx_available", lambda: gemm == "onednn")
     plain = Int8Weight.from_float(weight(7))  # the weight-only kernel's codes
     monkeypatch.setattr(packed, "INT8_GEMM_MIN_OUT", N)  # send this small weight down the vocabulary-head path
     head = Int8Weight.from_float(weight(7))
-    assert head._gemm is not None and plain._gemm is None
-    assert torch.equal(head.q, plain.q)  # fbgemm holds the very codes, and gives them back
+    assert plain._q is not None and head._q is None
+    assert (head._onednn is not None) == (gemm == "onednn") and (head._gemm is not None) == (gemm == "fbgemm")
+    assert torch.equal(head.q, plain.q)  # the GEMM holds the very codes, and gives them back
     x = torch.randn(packed.INT8_GEMM_ROWS, K, generator=torch.Generator().manual_seed(8)) * 3
     reference = x @ head.dequantize().t()
     out = head.linear(x)
@@ -125,7 +149,7 @@ def test_big_weights_pack_in_slices_to_the_same_result(fmt, monkeypatch):
 
     w = torch.randn(64, K)
     whole = pack(w, fmt).dequantize()
-    monkeypatch.setattr(packed_module, "PACK_ROWS", 16)
+    monkeypatch.setattr(packed_module, "PACK_ROWS", 32)  # a multiple of int4's tile rows
     torch.testing.assert_close(pack(w, fmt).dequantize(), whole)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from thrifty.catalog import DEFAULT_MODEL
+from thrifty.cpu_info import cpuinfo_field
 from thrifty.errors import ThriftyError
 
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -371,12 +372,7 @@ def _llamacpp_missing() -> str | None:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpuinfo_field("model name") or platform.processor() or platform.machine()
     memory_gb = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         memory_gb = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)

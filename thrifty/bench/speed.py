@@ -12,14 +12,22 @@ import argparse
 import json
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from thrifty.cpu_info import cpuinfo_field
+
 SYSTEMS = ("thrifty", "llama.cpp", "transformers")
 INSTALL = {"llama.cpp": "pip install llama-cpp-python", "transformers": "pip install transformers gguf"}
+# llama.cpp built for the machine it compiles on uses its AMX kernels where the CPU reports AMX; on
+# some VMs those crash at their first matmul (SIGSEGV at ldtilecfg in ggml_backend_amx_mul_mat).
+CRASH_HINT = {"llama.cpp": "if its AMX kernels crashed, rebuild it without them: CMAKE_ARGS=\"-DGGML_NATIVE=OFF "
+                           "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF "
+                           "-DGGML_AMX_INT8=OFF\" pip install --force-reinstall --no-cache-dir llama-cpp-python"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,8 +184,12 @@ def _run_system(name: str, cfg: dict) -> dict:
             return {"skipped": f"{name} is not installed; install it with `{INSTALL[name]}`"}
     proc = subprocess.run([sys.executable, "-m", "thrifty.bench.speed", "--worker", name, "--model", cfg["model"]],
                           input=json.dumps(cfg), capture_output=True, text=True)
+    if proc.returncode < 0:  # killed by a signal: usually a crash inside the peer's native code
+        hint = f"; {CRASH_HINT[name]}" if name in CRASH_HINT else ""
+        return {"skipped": f"{name} crashed ({signal.Signals(-proc.returncode).name}){hint}"}
     if proc.returncode != 0:
-        return {"skipped": f"{name} failed: {proc.stderr.strip().splitlines()[-1:]}"}
+        last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        return {"skipped": f"{name} failed: {last[0]}"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("prefill", "decode"):
         result[key] = {int(k): v for k, v in result[key].items()}
@@ -311,13 +323,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return cpuinfo_field("model name") or "unknown CPU"
 
 
 def _worker_main() -> None:

@@ -24,7 +24,10 @@ There are three graphs (GRAPHS below), with the context length and the cache siz
 sequence with one new token, a batch of them, and one sequence with a few new tokens (a verify
 step, a drafter's short read). Other steps run eagerly, as does everything after a failure to build,
 load or run. A float32 model's batch and verify graphs call its matmuls through the oneDNN-blocked
-weight copies (thrifty.models.blocked_linear), which win from three rows on.
+weight copies (thrifty.models.blocked_linear), which win from a few rows on. Int4 matmuls are lowered
+to inductor's C++ GEMM templates where those win (thrifty.engine.gemm_templates): on CPUs with AMX,
+graphs of several rows read the int4 codes in the AMX kernel's tile layout (thrifty.quant.int4_tiles).
+Every new graph is checked against the eager body before it is kept (`check_against_eager`).
 """
 
 from __future__ import annotations
@@ -39,15 +42,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from thrifty.cpu_info import cpuinfo_field
 from thrifty.models.base import CausalLM
 from thrifty.models.decode_attention import DecodeMetadata
 from thrifty.models.layers import Linear
+from thrifty.quant.int4_tiles import amx_available, in_graphs_of_several_rows
+from thrifty.quant.packed import Int4Weight
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +61,17 @@ log = logging.getLogger(__name__)
 # sequence with 2..MAX_QUERY new tokens (a verify step of a chain draft, a drafter's short read).
 # Sizes 1 and more are separate graphs because export specializes strides on them.
 GRAPHS = ("single", "batch", "verify")
+# On CPUs with AMX, a model with int4 weights also gets a batch graph whose int4 matmuls run inductor's
+# AMX template (thrifty.quant.int4_tiles), for batches of sequences that do not speculate.
+TILES_GRAPH = "batch_tiles"
 MAX_BATCH = 16
 MAX_QUERY = 8
-_SOURCES = ("models", "quant", "kv/quant", "engine/compiled_decode.py")  # code the graphs are traced from
+# code the graphs are traced from
+_SOURCES = ("models", "quant", "kv/quant", "cpu_info.py", "engine/compiled_decode.py", "engine/gemm_templates.py")
+# The builder's check of a new graph against eager: rounding (bfloat16 activations of the packed
+# kernels, another summation order) stays near 1e-2 in the first layers; a wrong kernel is near 1.
+CHECK_TOLERANCE = 0.05
+CHECKED_LAYERS = 2
 
 
 # -- what the graph reads ---------------------------------------------------------------------------
@@ -176,7 +190,10 @@ def cache_key(model: CausalLM, slots: list[TensorSlot], kind: str) -> str:
     """Everything the compiled graph depends on: code, torch, CPU, model config, every input's layout."""
     layout = [(s.name, str(s.get().dtype), list(s.get().shape[1:] if s.attr.endswith("_cache") else s.get().shape))
               for s in slots]
-    blob = json.dumps([_source_digest(), torch.__version__, torch.backends.cpu.get_cpu_capability(),
+    # The CPU's vendor picks float32 kernels and AMX the int4 ones; a graph with AMX code must not
+    # load where there is none (a home directory shared between machines).
+    cpu = [torch.backends.cpu.get_cpu_capability(), cpuinfo_field("vendor_id"), amx_available()]
+    blob = json.dumps([_source_digest(), torch.__version__, cpu,
                        dataclasses.asdict(model.config),
                        layout, kind, MAX_BATCH, MAX_QUERY], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -186,7 +203,7 @@ def _example(model: CausalLM, dtype: torch.dtype, slots: list[TensorSlot], kind:
     """Example inputs for export and their dynamic dimensions: context length and cache size always,
     the batch size or the new tokens per sequence in the graphs that take several."""
     block_size = 16
-    batch, query = {"single": (1, 1), "batch": (2, 1), "verify": (1, 2)}[kind]
+    batch, query = {"single": (1, 1), "batch": (2, 1), TILES_GRAPH: (2, 1), "verify": (1, 2)}[kind]
     meta = DecodeMetadata.build([[1, 2]] * batch, [20] * batch, block_size, torch.device("cpu"), query)
     x = torch.zeros(batch, query, model.config.hidden_size, dtype=dtype)
     positions = torch.arange(20 - query, 20).repeat(batch, 1)
@@ -197,7 +214,7 @@ def _example(model: CausalLM, dtype: torch.dtype, slots: list[TensorSlot], kind:
     caches = tuple({0: pool} if s.attr.endswith("_cache") else None for s in slots)
     if kind == "single":
         return args, (None, None, None, {1: ctx}, None, None, caches)
-    if kind == "batch":
+    if kind in ("batch", TILES_GRAPH):
         b = torch.export.Dim("batch", min=2, max=MAX_BATCH)
         return args, ({0: b}, {0: b}, {0: b}, {0: b, 1: ctx}, {0: b}, {0: b, 2: ctx}, caches)
     q = torch.export.Dim("query", min=2, max=MAX_QUERY)
@@ -205,14 +222,49 @@ def _example(model: CausalLM, dtype: torch.dtype, slots: list[TensorSlot], kind:
 
 
 def build(model: CausalLM, dtype: torch.dtype, kind: str, out: str) -> None:
-    """Export the body and compile it into an AOTInductor package at `out` (in this process)."""
+    """Export the body, compile it into an AOTInductor package at `out` (in this process) and check
+    the package's output against the eager body's."""
     import torch._inductor  # the compiler, imported only where a build runs
+
+    from thrifty.engine.gemm_templates import int4_gemm_templates
 
     slots = tensor_slots(model)
     args, dynamic = _example(model, dtype, slots, kind)
-    with torch.no_grad():
+    tiles = kind == TILES_GRAPH
+    with torch.no_grad(), in_graphs_of_several_rows(tiles):
         program = torch.export.export(_Body(model, slots), args, dynamic_shapes=dynamic, strict=False)
-    torch._inductor.aoti_compile_and_package(program, package_path=out)
+    with int4_gemm_templates() if tiles else contextlib.nullcontext():
+        torch._inductor.aoti_compile_and_package(program, package_path=out)
+    graph = torch._C._aoti.AOTIModelPackageLoader(out, "model", True, 1, -1)
+    check_against_eager(model, dtype, slots, kind, lambda inputs: graph.boxed_run(inputs)[0])
+
+
+def check_against_eager(model: CausalLM, dtype: torch.dtype, slots: list[TensorSlot], kind: str,
+                        run: Callable[[list[torch.Tensor]], torch.Tensor]) -> None:
+    """Run a graph (`run`: flat inputs to the body's output) once after the eager body, on the
+    embeddings of random tokens over random cache contents (the caches are overwritten), and raise
+    if the keys and values they write in the first CHECKED_LAYERS layers part by more than rounding,
+    as a matmul reading a weight in the wrong layout would. Those depend on every matmul of the first
+    layer; the body's output would not do, as a 30-layer model turns rounding into 10-50% changes."""
+    generator = torch.Generator().manual_seed(0)
+    caches = [slot.get() for slot in slots if slot.attr.endswith("_cache")]
+    for cache in caches:
+        cache.normal_(0, 1, generator=generator)
+    (x, positions, slot_mapping, slot_ids, query_slots, allowed, tensors), _ = _example(model, dtype, slots, kind)
+    ids = torch.randint(0, model.config.vocab_size, x.shape[:2], generator=generator)
+    x = model.embed(ids.flatten()).view(x.shape).to(dtype)
+    meta = DecodeMetadata(slot_mapping.flatten(), slot_ids, query_slots, allowed)
+    written = meta.slot_mapping
+    with torch.no_grad():
+        model.body(x.flatten(0, 1), positions.flatten(), meta)
+    expected = [cache[written].clone() for cache in caches[:2 * CHECKED_LAYERS]]
+    run([x, positions, slot_mapping, slot_ids, query_slots] + ([] if allowed is None else [allowed]) + list(tensors))
+    for i, want in enumerate(expected):
+        got = caches[i][written]
+        error = ((got - want).norm() / want.norm()).item()
+        if not error < CHECK_TOLERANCE:
+            raise RuntimeError(f"the compiled {kind} step parts from the eager one: the {'kv'[i % 2]} it writes at "
+                               f"layer {i // 2} is off by {error:.3g} (relative)")
 
 
 def _build_in_child(recipe: ModelRecipe, kind: str, out: Path) -> None:
@@ -251,12 +303,14 @@ class CompiledDecode:
         self.built = 0  # graphs built (not found in the cache) by this instance
         self._graphs: dict[str, torch._C._aoti.AOTIModelPackageLoader] = {}
         self._tensors: list[torch.Tensor] = []
+        int4 = any(isinstance(m, Linear) and isinstance(m.packed, Int4Weight) for m in model.modules())
+        self.kinds = GRAPHS + ((TILES_GRAPH,) if int4 and amx_available() else ())
 
     def load(self) -> float:
         """Build (or find in the cache) and load the graphs; return the seconds it took."""
         start = time.perf_counter()
         try:
-            for kind in GRAPHS:
+            for kind in self.kinds:
                 self._graphs[kind] = self._load(kind)
             self._tensors = [slot.get() for slot in self.slots]
         except Exception as exc:  # noqa: BLE001 - a compiler failure must leave a working engine
@@ -283,10 +337,16 @@ class CompiledDecode:
         self._graphs.clear()
         log.warning("compiled decode steps unavailable; running eagerly: %s", self.error)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata, exact: bool = False
+                 ) -> torch.Tensor:
+        """The body's output for a step; `exact`: some sequence speculates, so the step must round as
+        its verify steps will (not through the AMX template, thrifty.quant.int4_tiles)."""
         batch, context = meta.slot_ids.shape
         query = x.shape[0] // batch
-        graph = self._graphs.get(_graph_kind(batch, query)) if context >= 2 else None
+        kind = _graph_kind(batch, query)
+        if kind == "batch" and not exact and TILES_GRAPH in self._graphs:
+            kind = TILES_GRAPH
+        graph = self._graphs.get(kind) if context >= 2 else None
         if graph is None:
             return self.model.body(x, positions, meta)
         inputs = [x.view(batch, query, -1), positions.view(batch, query), meta.slot_mapping.view(batch, query),

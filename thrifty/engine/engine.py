@@ -180,6 +180,7 @@ class LLMEngine:
                                                      "layerskip": self._layer_skip_drafter})
         if config.speculative not in (None, "off"):
             self.speculator.proposer(config.speculative)
+        self.runner.speculates = lambda seq: self.speculator.method(seq) is not None
         self.requests: dict[str, _Request] = {}
 
     def _progress(self, what: str) -> Callable[[Iterable], Iterable] | None:

@@ -55,6 +55,9 @@ class ModelRunner:
         # soft-capped attention logits (Gemma 2 style) have no kernel there.
         self._decode_path = model.config.attn_logit_softcapping is None
         self.decode_body: Callable[[torch.Tensor, torch.Tensor, DecodeMetadata], torch.Tensor] = model.body
+        # Whether a sequence speculates: its plain steps must then round as its verify steps will, so
+        # a compiled batch step holding it avoids kernels whose rows depend on the batch (set by the engine).
+        self.speculates: Callable[[Sequence], bool] = lambda seq: False
 
     def _slots(self, block_table: list[int], num_slots: int) -> torch.Tensor:
         table = torch.tensor(block_table, dtype=torch.long, device=self.device)
@@ -148,8 +151,11 @@ class ModelRunner:
             input_ids.extend(item.draft.token_ids if item.draft else ())
         positions = torch.tensor([s.num_computed_tokens for s in seqs], dtype=torch.long, device=self.device)
         positions = (positions[:, None] + torch.arange(query_len, device=self.device)).flatten()
-        hidden = self.decode_body(self.model.embed(torch.tensor(input_ids, dtype=torch.long, device=self.device)),
-                                  positions, meta)
+        embeds = self.model.embed(torch.tensor(input_ids, dtype=torch.long, device=self.device))
+        if isinstance(self.decode_body, CompiledDecode):
+            hidden = self.decode_body(embeds, positions, meta, exact=any(self.speculates(s) for s in seqs))
+        else:
+            hidden = self.decode_body(embeds, positions, meta)
         if batch[0].draft is None and query_len > 1:  # only each sequence's last token is sampled
             hidden = hidden[query_len - 1::query_len]
         return self.model.compute_logits(hidden).float().cpu()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thrifty.config import ModelConfig, RopeScaling
+from thrifty.cpu_info import cpuinfo_field
 from thrifty.loading.weights import QuantizedWeight, WeightTensor, to_tensor
 from thrifty.models import blocked_linear
 from thrifty.models.decode_attention import DecodeMetadata, decode_attention
@@ -28,14 +29,18 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-# A float32 matmul on the CPU of one or two rows runs as W @ x^T: F.linear (x @ W^T) takes a path
-# that reads the weight 1.3-3x slower there, and a single row (matrix-vector) 3x slower still, so
-# one row is padded to two. From three rows on, oneDNN's matmul on a copy of the weight reordered
-# into its blocked layout wins, by 1.3-1.5x at 3-4 rows, 2x at 8-16 and 1.3x at 512 (whole
-# SmolLM2-135M step, 2-core AVX-512, torch 2.13; scripts/bench_fp32_matmul.py): those are the
-# verify steps of speculative decoding and prefill chunks.
-_BLOCKED_FP32_ROWS = 3
-_SMALL_FP32_ROWS = 128  # W @ x^T where no blocked copy exists; it loses to F.linear from about 512
+# A float32 matmul of a few rows on the CPU is bound by reading the weight. F.linear (x @ W^T) reaches
+# MKL, which reads it at full bandwidth on Intel CPUs but takes slower paths on AMD ones; there W @ x^T
+# (one row padded to two) read it 1.3-3x faster, and a single row 3x faster still. From a few rows on,
+# oneDNN's matmul on a copy of the weight reordered into its blocked layout wins on both: those are the
+# verify steps of speculative decoding and prefill chunks. Whole SmolLM2-135M steps, 2 threads, torch
+# 2.13 (scripts/bench_fp32_matmul.py): on an AMD EPYC the blocked copy won from 3 rows (1.3-1.5x at
+# 3-4, 2x at 8-16); on an Intel Sapphire Rapids F.linear took 26 ms at one row against 70 for W @ x^T,
+# and the blocked copy won from 4 rows (36 against 45 ms).
+_ON_AMD = cpuinfo_field("vendor_id") == "AuthenticAMD"
+_BLOCKED_FP32_ROWS = 3 if _ON_AMD else 4
+# Up to this many rows, with no blocked copy, W @ x^T (it loses to F.linear from about 512 rows on AMD).
+_TRANSPOSED_FP32_ROWS = 128 if _ON_AMD else 0
 
 
 def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:
@@ -57,7 +62,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             return y if bias is None else y + bias
     elif blocked is not None and rows >= _BLOCKED_FP32_ROWS:
         return with_padded_rows(lambda rows: torch.ops.mkldnn._linear_pointwise(rows, blocked, bias, "none", [], ""), x)
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not 0 < rows <= _SMALL_FP32_ROWS:
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not 0 < rows <= _TRANSPOSED_FP32_ROWS:
         return F.linear(x, weight, bias)
     flat = x.reshape(rows, x.shape[-1])
     if rows == 1:

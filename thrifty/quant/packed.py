@@ -4,8 +4,9 @@ Decode multiplies a few rows by every weight, so it is bound by the bytes of wei
 the int8 and int4 formats run PyTorch's weight-only CPU kernels on bfloat16 activations.
 Prefill multiplies many rows, so it is bound by matmul throughput: the weight is expanded
 to bfloat16 for that one call and oneDNN's bfloat16 GEMM does the work.
-Vocabulary-sized int8 heads instead run fbgemm's int8 GEMM on activations split into two
-int8 parts (see `Int8Weight`): the weight-only int8 kernel's time grows fast with the rows.
+Vocabulary-sized int8 heads instead run an int8 x int8 GEMM (oneDNN's on CPUs with AMX, fbgemm's
+elsewhere) on activations split into two int8 parts (see `Int8Weight`): the weight-only int8
+kernel's time grows fast with the rows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ import torch.nn.functional as F
 
 from thrifty.loading.memory import release_free_memory
 from thrifty.quant.gemm_rows import with_padded_rows
+from thrifty.quant.int4_tiles import (
+    TILE_N,
+    amx_available,
+    codes_into,
+    int4_tiles_mm,
+    to_tiles,
+    use_tiles,
+)
 
 # Above this many rows a call expands the weight to bfloat16 and runs a dense GEMM instead of the
 # weight-only kernel, whose time grows with the rows while the expansion is a fixed cost per call.
@@ -35,9 +44,10 @@ INT8_GEMM_MIN_OUT = 16384
 # for that head at 512 rows, 49 against about 80 at 128).
 INT8_GEMM_ROWS = 128
 # Rows per GEMM call: a call's output and int32 scratch are 2 x rows x out_features each (6 MB
-# apiece for a 16-row call to that head). Two calls of 8 rows took 4.0 ms against 3.4 for one of
-# 16, and kept about 10 MB off the peak RSS of a batch-16 decode step.
-INT8_GEMM_CHUNK_ROWS = 8
+# apiece for a 16-row call to that head). With fbgemm two calls of 8 rows took 4.0 ms against 3.4
+# for one of 16 (AMD EPYC), and kept about 10 MB off the peak RSS of a batch-16 decode step; with
+# oneDNN on AMX one call of 16 took 2.1 ms against 3.6 for two of 8 (Sapphire Rapids).
+INT8_GEMM_CHUNK_ROWS = {"fbgemm": 8, "onednn": 16}
 # Pack big weights (the 49k-row lm_head) a slice of rows at a time, so the float temporaries of
 # packing do not raise the peak RSS by several copies of the whole weight.
 PACK_ROWS = 4096
@@ -92,8 +102,10 @@ class BF16Weight(PackedWeight):
 class Int8Weight(PackedWeight):
     """Symmetric int8 per output channel: w = q * scale[row].
 
-    Weights of INT8_GEMM_MIN_OUT outputs or more (on CPUs with VNNI) are held only as an fbgemm
-    packed weight and multiplied, up to INT8_GEMM_ROWS rows, by its int8 x int8 -> int32 GEMM.
+    Weights of INT8_GEMM_MIN_OUT outputs or more are held only as a packed weight of an int8 x int8
+    -> int32 GEMM and multiplied by it up to INT8_GEMM_ROWS rows: oneDNN's on CPUs with AMX (on a
+    2-core Sapphire Rapids the 49152x576 head took 2.1 ms at 16 rows against 4.2 for fbgemm's, and
+    1.1 ms at one row as fbgemm's), fbgemm's on other CPUs with VNNI.
     Its activations are int8 too, so each row is split in two: x = amax/127 * (q1 + q2/254), q1
     the row rounded to 127 levels of its largest magnitude and q2 the rounding error at 254 times
     finer steps. That keeps about 16 bits per row, finer than the bfloat16 activations of the
@@ -105,15 +117,51 @@ class Int8Weight(PackedWeight):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
         self.scale = scale.to(torch.bfloat16).contiguous()  # [N]; the kernel wants the activations' dtype
         self.out_features, self.in_features = q.shape
-        self._gemm = _fbgemm_pack(q, self.scale) if _use_int8_gemm(q.shape[0]) else None
-        self._q = q.contiguous() if self._gemm is None else None  # int8 [N, K]
+        self._onednn = self._gemm = self._q = None
+        if _use_int8_gemm(q.shape[0]) and amx_available():
+            self._onednn = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
+            self._onednn_scale = self.scale.float()
+            self._onednn_ones = torch.ones(q.shape[0])
+            self._onednn_zeros = torch.zeros(q.shape[0], dtype=torch.long)
+        elif _use_int8_gemm(q.shape[0]):
+            self._gemm = _fbgemm_pack(q, self.scale)
+        else:
+            self._q = q.contiguous()  # int8 [N, K]
 
     @property
     def q(self) -> torch.Tensor:
-        """The int8 codes [N, K] (unpacked from the fbgemm weight for the few calls that need them)."""
-        if self._gemm is None:
+        """The int8 codes [N, K] (unpacked from a GEMM's packed weight for the few calls that need them)."""
+        if self._q is not None:
             return self._q
-        return torch.ops.quantized.linear_unpack(self._gemm)[0].int_repr()
+        if self._gemm is not None:
+            return torch.ops.quantized.linear_unpack(self._gemm)[0].int_repr()
+        # oneDNN has no unpack: multiply the unit vectors, whose products are the codes times the scale.
+        columns = []
+        for start in range(0, self.in_features, 64):
+            units = torch.eye(self.in_features)[start:start + 64]
+            columns.append(torch.round(self._gemm_rows(units) / self._onednn_scale).t())
+        return torch.cat(columns, dim=1).to(torch.int8)
+
+    def _gemm_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 x [M, K] times the weight through the int8 GEMM, the activations as two int8
+        parts per row (see the class doc); the GEMM's integer sums are exact."""
+        rows = x.shape[0]
+        amax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+        u = x * (127 / amax)
+        high = torch.round(u)
+        low = torch.round((u - high) * 254)  # |u - high| <= 1/2, so |low| <= 127
+        parts = torch.cat([high, low])
+        if self._onednn is not None:
+            # Codes q + 128 (zero point 128) and unit scales: the integer sums come back as floats, and
+            # are scaled below by the same ops whatever the batch (oneDNN's own scaling rounds
+            # differently in its kernels for few and many rows).
+            y = torch.ops.onednn.qlinear_pointwise((parts + 128).to(torch.uint8), 1.0, 128, self._onednn,
+                                                   self._onednn_ones, self._onednn_zeros, None, 1.0, 0,
+                                                   torch.float32, "none", [], "")
+            return y[rows:].div_(254).add_(y[:rows]).mul_(amax / 127).mul_(self._onednn_scale)
+        # The op quantizes its input with the scale and zero point given: q/127 comes back as code q + 128.
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(parts / 127, 1 / 127, 128, self._gemm)
+        return y[rows:].div_(254).add_(y[:rows]).mul_(amax)  # in place: the logits of a batch are megabytes
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int8Weight:
@@ -126,22 +174,34 @@ class Int8Weight(PackedWeight):
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.shape[0]
-        if self._gemm is not None and rows <= INT8_GEMM_ROWS:
-            y = _int8_gemm(x.float(), self._gemm, self.out_features)
-        elif self._gemm is None and rows <= DENSE_ROWS["int8"]:
+        packed = self._q is None
+        if packed and rows <= INT8_GEMM_ROWS:
+            y = self._int8_gemm(x.float())
+        elif not packed and rows <= DENSE_ROWS["int8"]:
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self._q, self.scale)
         else:
             dense = self.q.to(torch.bfloat16) * self.scale[:, None]
             y = with_padded_rows(lambda rows: F.linear(rows, dense), x.to(torch.bfloat16))
         return _finish(y, bias, x.dtype)
 
+    def _int8_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 x [M, K] times the weight, INT8_GEMM_CHUNK_ROWS rows per GEMM call into one output."""
+        step = INT8_GEMM_CHUNK_ROWS["onednn" if self._onednn is not None else "fbgemm"]
+        if x.shape[0] <= step:
+            return self._gemm_rows(x)
+        y = x.new_empty(x.shape[0], self.out_features)
+        for start in range(0, x.shape[0], step):
+            chunk = slice(start, start + step)
+            y[chunk] = self._gemm_rows(x[chunk])
+        return y
+
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[:, None]
 
     @property
     def nbytes(self) -> int:
-        # fbgemm's packed weight holds the codes plus an int32 offset per output column.
-        offsets = 0 if self._gemm is None else 4 * self.out_features
+        # A GEMM's packed weight holds the codes plus an int32 offset (compensation) per output column.
+        offsets = 0 if self._q is not None else 4 * self.out_features
         return self.out_features * self.in_features + offsets + self.scale.nbytes
 
 
@@ -159,43 +219,20 @@ def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
     return torch.ops.quantized.linear_prepack(weight, None)
 
 
-def _int8_gemm(x: torch.Tensor, gemm: torch.ScriptObject, out_features: int) -> torch.Tensor:
-    """float32 x [M, K] times the packed int8 weight, INT8_GEMM_CHUNK_ROWS rows per call into one output."""
-    if x.shape[0] <= INT8_GEMM_CHUNK_ROWS:
-        return _int8_gemm_two_part(x, gemm)
-    y = x.new_empty(x.shape[0], out_features)
-    for start in range(0, x.shape[0], INT8_GEMM_CHUNK_ROWS):
-        chunk = slice(start, start + INT8_GEMM_CHUNK_ROWS)
-        y[chunk] = _int8_gemm_two_part(x[chunk], gemm)
-    return y
-
-
-def _int8_gemm_two_part(x: torch.Tensor, gemm: torch.ScriptObject) -> torch.Tensor:
-    """float32 x [M, K] times the packed int8 weight, the activations as two int8 parts per row."""
-    rows = x.shape[0]
-    amax = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
-    u = x * (127 / amax)
-    high = torch.round(u)
-    low = torch.round((u - high) * 254)  # |u - high| <= 1/2, so |low| <= 127
-    # The op quantizes its input with the scale and zero point given: q/127 comes back as code q + 128.
-    y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        torch.cat([high, low]) / 127, 1 / 127, 128, gemm)
-    return y[rows:].div_(254).add_(y[:rows]).mul_(amax)  # in place: the logits of a batch are megabytes
-
-
 class Int4Weight(PackedWeight):
     """Asymmetric int4 in groups of 32 along the input: w = q * scale + low, q in 0..15.
 
     A GGUF Q4_0/Q4_1/Q4_K block holds the same kind of code (one scale and offset per 32
     weights), so those weights repack onto (nearly) the same grid. Two copies of the codes are
-    kept: the kernel's tiled layout for decode and plain nibbles to expand for prefill.
+    kept: PyTorch's int4 kernel layout, and the tile layout of inductor's AMX template
+    (thrifty.quant.int4_tiles), which compiled batch steps on CPUs with AMX read and prefill
+    expands to bfloat16.
     """
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> None:
-        n, k = q.shape
-        self.out_features = n
+        self.out_features = q.shape[0]
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
-        self.nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()  # [N, K/2]
+        self.tiles = to_tiles(q)  # [N, K/2]
         self.scale = scale.to(torch.bfloat16).contiguous()  # [N, K/32]
         self.low = low.to(torch.bfloat16).contiguous()
         # The kernel computes (q - 8) * scale + zero, so its zero is low + 8 * scale.
@@ -204,7 +241,7 @@ class Int4Weight(PackedWeight):
 
     @staticmethod
     def supports(shape: tuple[int, ...]) -> bool:
-        return len(shape) == 2 and shape[1] % INT4_GROUP == 0 and shape[0] % 16 == 0
+        return len(shape) == 2 and shape[1] % INT4_GROUP == 0 and shape[0] % TILE_N == 0
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> Int4Weight:
@@ -216,18 +253,24 @@ class Int4Weight(PackedWeight):
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
         return cls(q, scale, low)
 
+    def codes(self) -> torch.Tensor:
+        """The codes q [N, K] (uint8, 0..15)."""
+        n, k = self.out_features, self.tiles.shape[1] * 2
+        return codes_into(self.tiles, torch.empty(n, k, dtype=torch.uint8, device=self.tiles.device))
+
     def _dense_bf16(self) -> torch.Tensor:
-        n = self.out_features
-        w = torch.empty(*self.nibbles.shape, 2, dtype=torch.bfloat16, device=self.nibbles.device)
-        w[..., 0] = self.nibbles & 15  # codes straight into the bfloat16 result, interleaved, then scaled
-        w[..., 1] = self.nibbles >> 4  # in place: 20% faster than stacking the codes and converting
+        n, k = self.out_features, self.tiles.shape[1] * 2
+        # Codes straight into the bfloat16 result, then scaled in place: cheaper than converting a copy.
+        w = codes_into(self.tiles, torch.empty(n, k, dtype=torch.bfloat16, device=self.tiles.device))
         groups = w.view(n, -1, INT4_GROUP)
         groups.mul_(self.scale[..., None]).add_(self.low[..., None])
-        return w.view(n, -1)
+        return w
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         xb = x.to(torch.bfloat16)
-        if x.shape[0] <= DENSE_ROWS["int4"]:
+        if use_tiles(x.shape[0]):  # a compiled batch step: inductor's AMX template
+            y = int4_tiles_mm(xb, self.tiles, INT4_GROUP, self.scales_and_zeros)
+        elif x.shape[0] <= DENSE_ROWS["int4"]:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, INT4_GROUP, self.scales_and_zeros)
         else:
             dense = self._dense_bf16()
@@ -239,7 +282,8 @@ class Int4Weight(PackedWeight):
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + self.nibbles.nbytes + self.scale.nbytes + self.low.nbytes
+        return (self.packed.nbytes + self.tiles.nbytes + self.scale.nbytes + self.low.nbytes
+                + self.scales_and_zeros.nbytes)
 
 
 FORMATS: dict[str, type[PackedWeight]] = {"bf16": BF16Weight, "int8": Int8Weight, "int4": Int4Weight}
@@ -282,7 +326,7 @@ def concat(parts: list[PackedWeight]) -> PackedWeight:
     if kinds == {BF16Weight}:
         return BF16Weight(torch.cat([p.w for p in parts]))
     if kinds == {Int4Weight}:
-        codes = [torch.stack([p.nibbles & 15, p.nibbles >> 4], dim=-1).reshape(p.out_features, -1) for p in parts]
-        return Int4Weight(torch.cat(codes), torch.cat([p.scale for p in parts]), torch.cat([p.low for p in parts]))
+        return Int4Weight(torch.cat([p.codes() for p in parts]), torch.cat([p.scale for p in parts]),
+                          torch.cat([p.low for p in parts]))
     finest = next(fmt for fmt, cls in FORMATS.items() if cls in kinds)  # FORMATS runs most precise first
     return pack(torch.cat([p.dequantize() for p in parts]), finest)

@@ -72,7 +72,8 @@ class Speculator:
                                                                       "accepted_tokens": 0})
         self._dry: weakref.WeakKeyDictionary[Sequence, _DryDraft] = weakref.WeakKeyDictionary()
 
-    def _method(self, seq: Sequence) -> str | None:
+    def method(self, seq: Sequence) -> str | None:
+        """The proposer `seq` drafts with, None if it does not speculate."""
         method = seq.params.speculative or self.default_method
         return None if method == OFF else method
 
@@ -104,7 +105,7 @@ class Speculator:
         # Sequences the controller decides for: (sequence, cap, seconds per draft token, per draft)
         candidates: dict[str, list[tuple[Sequence, int, float, float]]] = defaultdict(list)
         for seq in decoding:
-            method = self._method(seq)
+            method = self.method(seq)
             if method is None:
                 continue
             proposer = self.proposer(method)
