@@ -197,12 +197,12 @@ class _CountingLookups(dict):
 def test_only_the_tiles_graph_multiplies_int4_through_the_tile_layout(tiny_llama_gguf, kind):
     """On an AMX CPU the batch_tiles graph calls thrifty::int4_tiles_mm (lowered to inductor's AMX
     template at build time); the others keep PyTorch's int4 op, whose rows do not depend on the batch."""
-    from thrifty.quant.int4_tiles import amx_available, in_graphs_of_several_rows
+    from thrifty.quant.int4_tiles import amx_available, traced_with_tiles
 
     model = make_tiny_llm(tiny_llama_gguf, weights="int4").engine.model
     slots = compiled_decode.tensor_slots(model)
     args, dynamic = compiled_decode._example(model, torch.float32, slots, kind)
-    with torch.no_grad(), in_graphs_of_several_rows(kind == compiled_decode.TILES_GRAPH):
+    with torch.no_grad(), traced_with_tiles(kind == compiled_decode.TILES_GRAPH):
         program = torch.export.export(compiled_decode._Body(model, slots), args, dynamic_shapes=dynamic, strict=False)
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     tiled = kind == compiled_decode.TILES_GRAPH and amx_available()

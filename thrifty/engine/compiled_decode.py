@@ -52,7 +52,7 @@ from thrifty.cpu_info import cpuinfo_field
 from thrifty.models.base import CausalLM
 from thrifty.models.decode_attention import DecodeMetadata
 from thrifty.models.layers import Linear
-from thrifty.quant.int4_tiles import amx_available, in_graphs_of_several_rows
+from thrifty.quant.int4_tiles import amx_available, traced_with_tiles
 from thrifty.quant.packed import Int4Weight
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def build(model: CausalLM, dtype: torch.dtype, kind: str, out: str) -> None:
     slots = tensor_slots(model)
     args, dynamic = _example(model, dtype, slots, kind)
     tiles = kind == TILES_GRAPH
-    with torch.no_grad(), in_graphs_of_several_rows(tiles):
+    with torch.no_grad(), traced_with_tiles(tiles):
         program = torch.export.export(_Body(model, slots), args, dynamic_shapes=dynamic, strict=False)
     with int4_gemm_templates() if tiles else contextlib.nullcontext():
         torch._inductor.aoti_compile_and_package(program, package_path=out)

@@ -1,16 +1,16 @@
 """Int4 codes in the tile layout of inductor's AMX int4 GEMM, and an op that multiplies by them.
 
 With max-autotune, inductor can lower an int4 weight-only matmul to a C++ GEMM template. Where the
-row count is dynamic (a compiled batch or verify step) the template runs an AMX micro-kernel, which
+row count is dynamic (a compiled batch step) the template runs an AMX micro-kernel, which
 reads the codes in its own layout: per TILE_N output features and per input feature, TILE_N / 2
 bytes whose low nibbles hold the first half of the features and whose high nibbles the second
 ([N / TILE_N, K, TILE_N / 2], kept as [N, K / 2]). On a 2-core Sapphire Rapids its 16-row calls
 took 0.15 ms against 0.44 for PyTorch's int4 kernel on SmolLM2's gate/up weight, about what one
-row costs (BENCHMARKS.md, "AMX int4 GEMMs in the compiled steps").
+row costs (BENCHMARKS.md, Speed, "A new machine: Intel Sapphire Rapids with AMX").
 
 `thrifty::int4_tiles_mm(x, tiles, group_size, scales_and_zeros)` is x W^T for W in that layout,
 with the scales and zeros of `_weight_int4pack_mm_for_cpu` (w = (q - 8) * scale + zero per
-group). The compiled `batch_tiles` graph calls it (traced inside `in_graphs_of_several_rows()`),
+group). The compiled `batch_tiles` graph calls it (traced inside `traced_with_tiles()`),
 and thrifty.engine.gemm_templates lowers it to the template and only to it. Its eager
 implementation dequantizes and multiplies: correct, slow, and run only by checks and by graphs
 that were not built that way.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 TILE_N = 32  # output features per tile of the AMX micro-kernel (its block_n)
-_traced_with_tiles = False
+_tiles_enabled = False
 
 
 def to_tiles(q: torch.Tensor) -> torch.Tensor:
@@ -77,19 +77,19 @@ def int4_tiles_mm(x: torch.Tensor, tiles: torch.Tensor, group_size: int,
 
 
 @contextlib.contextmanager
-def in_graphs_of_several_rows(enabled: bool = True) -> Iterator[None]:
+def traced_with_tiles(enabled: bool = True) -> Iterator[None]:
     """While a graph is traced inside: its int4 matmuls of a symbolic row count call `int4_tiles_mm`."""
-    global _traced_with_tiles
-    saved, _traced_with_tiles = _traced_with_tiles, enabled
+    global _tiles_enabled
+    saved, _tiles_enabled = _tiles_enabled, enabled
     try:
         yield
     finally:
-        _traced_with_tiles = saved
+        _tiles_enabled = saved
 
 
 def use_tiles(rows: int | torch.SymInt) -> bool:
     """Whether an int4 matmul of `rows` rows, being traced now, calls `int4_tiles_mm`."""
-    return _traced_with_tiles and torch.compiler.is_compiling() and not isinstance(rows, int) and amx_available()
+    return _tiles_enabled and torch.compiler.is_compiling() and not isinstance(rows, int) and amx_available()
 
 
 def amx_available() -> bool:

@@ -118,15 +118,15 @@ class Int8Weight(PackedWeight):
         self.scale = scale.to(torch.bfloat16).contiguous()  # [N]; the kernel wants the activations' dtype
         self.out_features, self.in_features = q.shape
         self._onednn = self._gemm = self._q = None
-        if _use_int8_gemm(q.shape[0]) and amx_available():
+        if not _use_int8_gemm(self.out_features):
+            self._q = q.contiguous()  # int8 [N, K]
+        elif amx_available():
             self._onednn = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
             self._onednn_scale = self.scale.float()
-            self._onednn_ones = torch.ones(q.shape[0])
-            self._onednn_zeros = torch.zeros(q.shape[0], dtype=torch.long)
-        elif _use_int8_gemm(q.shape[0]):
-            self._gemm = _fbgemm_pack(q, self.scale)
+            self._onednn_ones = torch.ones(self.out_features)
+            self._onednn_zeros = torch.zeros(self.out_features, dtype=torch.long)
         else:
-            self._q = q.contiguous()  # int8 [N, K]
+            self._gemm = _fbgemm_pack(q, self.scale)
 
     @property
     def q(self) -> torch.Tensor:
@@ -136,10 +136,8 @@ class Int8Weight(PackedWeight):
         if self._gemm is not None:
             return torch.ops.quantized.linear_unpack(self._gemm)[0].int_repr()
         # oneDNN has no unpack: multiply the unit vectors, whose products are the codes times the scale.
-        columns = []
-        for start in range(0, self.in_features, 64):
-            units = torch.eye(self.in_features)[start:start + 64]
-            columns.append(torch.round(self._gemm_rows(units) / self._onednn_scale).t())
+        units = torch.eye(self.in_features)
+        columns = [torch.round(self._gemm_rows(rows) / self._onednn_scale).t() for rows in units.split(64)]
         return torch.cat(columns, dim=1).to(torch.int8)
 
     def _gemm_rows(self, x: torch.Tensor) -> torch.Tensor:
