@@ -257,9 +257,9 @@ def test_a_second_engine_loads_the_compiled_graphs_from_the_cache(tiny_llama_ggu
 
 def test_graph_kinds_cover_the_decode_steps_they_can_take():
     kind = compiled_decode._graph_kind
-    assert [kind(1, 1), kind(2, 1), kind(16, 1), kind(1, 2), kind(1, 8)] == ["single", "batch", "batch",
-                                                                          "verify", "verify"]
-    assert kind(17, 1) is None and kind(1, 9) is None and kind(2, 2) is None  # these run eagerly
+    assert [kind(1, 1), kind(2, 1), kind(16, 1), kind(1, 2), kind(1, 17)] == ["single", "batch", "batch",
+                                                                           "verify", "verify"]
+    assert kind(17, 1) is None and kind(1, 18) is None and kind(2, 2) is None  # these run eagerly
 
 
 def test_packages_unused_for_a_month_and_dead_builds_partial_files_are_pruned(tmp_path):

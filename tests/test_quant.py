@@ -202,6 +202,23 @@ def test_the_blocked_linear_op_finds_a_weights_copy_while_the_weight_lives():
     assert key not in blocked_linear._BLOCKED  # a later weight at the same address must not find it
 
 
+def test_the_blocked_linear_op_computes_what_an_eager_step_does_at_every_row_count():
+    """A compiled graph's row count is symbolic, so the op itself picks the plain or the blocked matmul
+    by rows, as eager steps do: a row gets the same bits compiled or not."""
+    from thrifty.models import blocked_linear
+    from thrifty.models.layers import Linear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    linear = Linear(K, N, False, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.no_grad():
+        linear.weight.copy_(weight())
+    linear.block_for_onednn()
+    for rows in range(1, 10):
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(blocked_linear.blocked_linear(x, linear.weight), linear(x)), rows
+
+
 def test_only_fp32_engines_keep_onednn_copies(tiny_llama_gguf):
     from thrifty import LLM
     from thrifty.models.layers import Linear

@@ -55,8 +55,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                  blocked: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if blocked is not None and torch.compiler.is_compiling():
-        # A graph's row count is symbolic where it takes several (2-16 sequences, 2-8 new tokens) and
-        # those mostly have 3 or more; comparing it would pin the graph to its example's count.
+        # A graph's row count is symbolic where it takes several (2-16 sequences, 2-17 new tokens);
+        # comparing it would pin the graph to its example's count, so the op picks by rows at run time.
         if not isinstance(rows, int):
             y = blocked_linear.blocked_linear(x, weight)
             return y if bias is None else y + bias
