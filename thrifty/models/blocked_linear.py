@@ -1,7 +1,7 @@
 """float32 matmuls through a oneDNN-blocked weight copy, as an op that compiled graphs can call.
 
 oneDNN's matmul on a copy of the weight reordered into its blocked layout beats the plain-layout
-matmuls from three rows on (thrifty.models.layers). The copy is an opaque tensor: it has no strides
+matmuls from 3-4 rows on (thrifty.models.layers). The copy is an opaque tensor: it has no strides
 or storage, so torch.export cannot take it as an input of a compiled graph. The op
 `thrifty::blocked_linear(x, weight)` takes the plain weight instead and finds its blocked copy in
 a registry keyed by the weight's data pointer and shape. AOTInductor calls it through its proxy
@@ -40,7 +40,7 @@ def register(weight: torch.Tensor, blocked: torch.Tensor) -> None:
 
 def _blocked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # The graph's row count is symbolic, so the choice by rows that eager steps make is made here, at
-    # run time: a verify step of 2-3 rows is faster in the plain layout on some CPUs (1.4x on Intel).
+    # run time: a verify step of 2-3 rows is faster in the plain layout on some CPUs (1.3x on Intel).
     from thrifty.models.layers import dense_linear  # layers imports this module
 
     return dense_linear(x, weight, None, _BLOCKED.get(_key(weight)))
