@@ -24,3 +24,19 @@ def test_round_ratios_pair_the_rounds_and_skip_figures_a_peer_lacks():
     for peer in theirs:
         del peer["decode"][16]  # llama.cpp is measured at batch 1 only
     assert round_ratios(ours, theirs, "decode", 16) == []
+
+
+def test_a_peer_killed_by_a_signal_is_named_as_crashed_with_the_rebuild_hint(monkeypatch):
+    import subprocess
+
+    from thrifty.bench import speed
+
+    def crashed(*args, **kwargs):
+        return subprocess.CompletedProcess(args, -11, "", "")
+
+    monkeypatch.setattr(speed.subprocess, "run", crashed)
+    monkeypatch.setattr(speed, "MODULES", {})  # as if every peer were installed
+    skipped = speed._run_system("llama.cpp", {"model": "smollm2-135m"})["skipped"]
+    assert skipped.startswith("llama.cpp crashed (SIGSEGV)")
+    assert "-DGGML_AMX_INT8=OFF" in skipped and "-DGGML_AVX512=ON" in skipped  # AMX off, the rest kept
+    assert speed._run_system("transformers", {"model": "smollm2-135m"})["skipped"] == "transformers crashed (SIGSEGV)"

@@ -24,10 +24,13 @@ from thrifty.cpu_info import cpuinfo_field
 SYSTEMS = ("thrifty", "llama.cpp", "transformers")
 INSTALL = {"llama.cpp": "pip install llama-cpp-python", "transformers": "pip install transformers gguf"}
 # llama.cpp built for the machine it compiles on uses its AMX kernels where the CPU reports AMX; on
-# some VMs those crash at their first matmul (SIGSEGV at ldtilecfg in ggml_backend_amx_mul_mat).
-CRASH_HINT = {"llama.cpp": "if its AMX kernels crashed, rebuild it without them: CMAKE_ARGS=\"-DGGML_NATIVE=OFF "
-                           "-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF "
-                           "-DGGML_AMX_INT8=OFF\" pip install --force-reinstall --no-cache-dir llama-cpp-python"}
+# some VMs those crash at their first matmul (SIGSEGV at ldtilecfg in ggml_backend_amx_mul_mat). The
+# rebuild keeps every other x86 feature on, so the peer stays as fast as it can be there.
+_NO_AMX_FLAGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+                 "-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON "
+                 "-DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+CRASH_HINT = {"llama.cpp": f"if its AMX kernels crashed, rebuild it without them: CMAKE_ARGS=\"{_NO_AMX_FLAGS}\" "
+                           "pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
