@@ -1,10 +1,11 @@
-"""Why thrifty's float32 Linear runs one or two rows as W @ x^T and more through a oneDNN-blocked
-copy of the weight (thrifty.models.layers.dense_linear).
+"""Which float32 Linear thrifty runs by row count (thrifty.models.layers.dense_linear): its own
+AVX-512 kernel (thrifty.models.skinny_linear) up to 64 rows where it can run, else W @ x^T or
+F.linear for one or two rows and a oneDNN-blocked copy of the weight for more.
 
-Times F.linear (x @ W^T), W @ x^T and oneDNN's matmul on the blocked copy for SmolLM2-135M's
-matmul shapes at several row counts, cycling through several copies of each weight so that it is
-read from memory, not cache, as in a real decode step; then sums one whole step (30 layers of
-each shape plus the lm_head). Run: python scripts/bench_fp32_matmul.py [--threads 2]
+Times F.linear (x @ W^T), W @ x^T, oneDNN's matmul on the blocked copy and thrifty's kernel for
+SmolLM2-135M's matmul shapes at several row counts, cycling through several copies of each weight so
+that it is read from memory, not cache, as in a real decode step; then sums one whole step (30 layers
+of each shape plus the lm_head). Run: python scripts/bench_fp32_matmul.py [--threads 2]
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from thrifty.models.layers import dense_linear, onednn_blocked
+from thrifty.models import skinny_linear
+from thrifty.models.layers import onednn_blocked
 
 SHAPES = {"lm_head": (49152, 576), "qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576),
           "down": (576, 1536)}
 LAYERS = 30  # SmolLM2-135M: every shape but the lm_head once per layer
+PATHS = ("linear", "W@x^T", "blocked", "skinny")
+
+
+def _transposed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W @ x^T, one row padded to two (MKL's matrix-vector path is slower on AMD)."""
+    padded = torch.cat((x, x)) if x.shape[0] == 1 else x
+    return (weight @ padded.t()).t()[:x.shape[0]]
 
 
 def _ms(fn, reps: int, trials: int = 5) -> float:
@@ -43,9 +52,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows_list = list(map(int, args.rows.split(",")))
-    step = {(path, rows): 0.0 for path in ("linear", "W@x^T", "blocked") for rows in rows_list}
-    print("| weight | rows | F.linear ms | W @ x^T ms | oneDNN blocked ms |")
-    print("|---|---|---|---|---|")
+    kernel = skinny_linear.available()
+    paths = PATHS if kernel else PATHS[:-1]
+    step = {(path, rows): 0.0 for path in paths for rows in rows_list}
+    print("| weight | rows | F.linear ms | W @ x^T ms | oneDNN blocked ms |" + (" thrifty kernel ms |" if kernel else ""))
+    print("|---|---|---|---|---|" + ("---|" if kernel else ""))
     for name, (n, k) in SHAPES.items():
         copies = [torch.randn(n, k) for _ in range(max(2, 300_000_000 // (n * k * 4)))]
         blocked = [onednn_blocked(w) for w in copies]
@@ -55,21 +66,24 @@ def main() -> None:
             reps = max(1, (4 if name == "lm_head" else 30) // max(1, rows // 32))
             times = {
                 "linear": _ms(lambda: F.linear(x, copies[next(turn) % len(copies)]), reps),
-                "W@x^T": _ms(lambda: dense_linear(x, copies[next(turn) % len(copies)], None), reps),
-                # the op itself: dense_linear takes it from 3 rows on
+                "W@x^T": _ms(lambda: _transposed(x, copies[next(turn) % len(copies)]), reps),
                 "blocked": _ms(lambda: torch.ops.mkldnn._linear_pointwise(
                     x, blocked[next(turn) % len(blocked)], None, "none", [], ""), reps),
             }
+            if kernel:
+                times["skinny"] = _ms(lambda: skinny_linear.skinny_linear(x, copies[next(turn) % len(copies)]), reps)
             for path, ms in times.items():
                 step[path, rows] += ms * (1 if name == "lm_head" else LAYERS)
-            print(f"| {name} {n}x{k} | {rows} | {times['linear']:.3f} | {times['W@x^T']:.3f} | {times['blocked']:.3f} |",
-                  flush=True)
+            print(f"| {name} {n}x{k} | {rows} | " + " | ".join(f"{times[p]:.3f}" for p in paths) + " |", flush=True)
     print("\nWhole step (lm_head + 30 x each layer shape):\n")
-    print("| rows | F.linear ms | W @ x^T ms | oneDNN blocked ms | W @ x^T / blocked |")
-    print("|---|---|---|---|---|")
+    print("| rows | F.linear ms | W @ x^T ms | oneDNN blocked ms |" + (" thrifty kernel ms | best PyTorch / kernel |" if kernel else ""))
+    print("|---|---|---|---|" + ("---|---|" if kernel else ""))
     for rows in rows_list:
-        print(f"| {rows} | {step['linear', rows]:.1f} | {step['W@x^T', rows]:.1f} | {step['blocked', rows]:.1f} | "
-              f"{step['W@x^T', rows] / step['blocked', rows]:.2f}x |")
+        line = f"| {rows} | " + " | ".join(f"{step[p, rows]:.1f}" for p in paths) + " |"
+        if kernel:
+            best = min(step[p, rows] for p in PATHS[:-1])
+            line += f" {best / step['skinny', rows]:.2f}x |"
+        print(line)
 
 if __name__ == "__main__":
     main()

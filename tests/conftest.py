@@ -20,8 +20,8 @@ def tiny_gemma3_gguf(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def thrifty_server(tmp_path_factory):
     """`thrifty serve` on SmolLM2-135M in a subprocess, shared by the tests/test_server_*.py files."""
-    from thrifty.catalog import CATALOG
     from tests.server_process import real_server
+    from thrifty.catalog import CATALOG
 
     if not CATALOG["smollm2-135m"].is_installed():
         pytest.skip(f"SmolLM2 is not installed: {CATALOG['smollm2-135m'].install_command}")
@@ -34,3 +34,10 @@ def thrifty_server(tmp_path_factory):
 def model_path(request) -> Path:
     """Each tiny model in turn, for engine tests that must hold on both architectures."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def without_skinny_kernel(monkeypatch):
+    """float32 matmuls as on a CPU where thrifty's AVX-512 kernel cannot run: PyTorch's paths, and
+    oneDNN-blocked weight copies for several rows."""
+    monkeypatch.setenv("THRIFTY_SKINNY_KERNEL", "0")  # seen by graph builds in child processes too

@@ -9,7 +9,7 @@ import torch
 
 from thrifty.engine import compiled_decode
 from thrifty.engine.sampling_params import SamplingParams
-from thrifty.models import blocked_linear
+from thrifty.models import blocked_linear, skinny_linear
 from thrifty.models.decode_attention import DecodeMetadata, decode_attention
 from thrifty.models.paged_attention import AttentionMetadata, SequenceSlice, paged_attention
 from tests.fixtures.tiny_models import make_tiny_llm
@@ -162,10 +162,14 @@ class _Counting:
         return self.graph.boxed_run(inputs)
 
 
-@pytest.mark.parametrize("weights", ["int4", "fp32"])
+@pytest.mark.parametrize("weights", ["int4", "fp32", "fp32-without-skinny-kernel"])
 def test_compiled_verify_steps_give_plain_decodings_tokens(tiny_llama_gguf, aot_cache, monkeypatch, weights):
     """A verify step of one sequence's chain draft runs through the `verify` graph; in float32 its
-    matmuls go through the weights' oneDNN-blocked copies."""
+    matmuls go through thrifty's few-row kernel, or where that cannot run the weights' oneDNN-blocked
+    copies."""
+    if weights == "fp32-without-skinny-kernel":
+        monkeypatch.setenv("THRIFTY_SKINNY_KERNEL", "0")
+        weights = "fp32"
     llm = make_tiny_llm(tiny_llama_gguf, weights=weights, compile=True, speculative_adaptive=False,
                         num_speculative_tokens=3)
     compiled = llm.engine.runner.decode_body
@@ -177,7 +181,7 @@ def test_compiled_verify_steps_give_plain_decodings_tokens(tiny_llama_gguf, aot_
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, speculative="ngram")
     fast = llm.generate([repetitive], params)[0].outputs[0].token_ids
     assert ran and llm.engine.stats()["spec_ngram_accepted_tokens"] > 0
-    assert (found.hits > 0) == (weights == "fp32")
+    assert (found.hits > 0) == (weights == "fp32" and not skinny_linear.available())
     plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     assert llm.generate([repetitive], plain)[0].outputs[0].token_ids == fast
 
@@ -208,6 +212,25 @@ def test_only_the_tiles_graph_multiplies_int4_through_the_tile_layout(tiny_llama
     tiled = kind == compiled_decode.TILES_GRAPH and amx_available()
     assert ("thrifty.int4_tiles_mm.default" in targets) == tiled
     assert ("aten._weight_int4pack_mm_for_cpu.default" in targets) == (not tiled)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("kind", ["single", "batch", "verify"])
+def test_float32_graphs_call_the_skinny_kernel_or_else_the_blocked_matmuls(tiny_llama_gguf, monkeypatch, kind, kernel):
+    """The kernel is a C++ op, so a compiled float32 step calls no Python for its matmuls."""
+    if kernel and not skinny_linear.available():
+        pytest.skip("the kernel needs an AVX-512 CPU and a C++ compiler")
+    if not kernel:
+        monkeypatch.setenv("THRIFTY_SKINNY_KERNEL", "0")
+    model = make_tiny_llm(tiny_llama_gguf, weights="fp32").engine.model
+    slots = compiled_decode.tensor_slots(model)
+    args, dynamic = compiled_decode._example(model, torch.float32, slots, kind)
+    with torch.no_grad():
+        program = torch.export.export(compiled_decode._Body(model, slots), args, dynamic_shapes=dynamic, strict=False)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert ("thrifty.skinny_linear.default" in targets) == kernel
+    # With symbolic rows (batch and verify) the blocked matmuls are picked at run time by the op.
+    assert ("thrifty.blocked_linear.default" in targets) == (not kernel and kind != "single")
 
 
 def test_batches_that_speculate_keep_off_the_tiles_graph(tiny_llama_gguf, aot_cache):

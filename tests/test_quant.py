@@ -155,7 +155,7 @@ def test_big_weights_pack_in_slices_to_the_same_result(fmt, monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 9, 200])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fp32_linear_with_its_onednn_copy_equals_the_plain_matmul(rows, bias):
+def test_fp32_linear_with_its_onednn_copy_equals_the_plain_matmul(rows, bias, without_skinny_kernel):
     from thrifty.models.layers import Linear
 
     if not torch.backends.mkldnn.is_available():
@@ -177,7 +177,7 @@ def test_fp32_linear_with_its_onednn_copy_equals_the_plain_matmul(rows, bias):
     torch.testing.assert_close(plain.double(), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_the_blocked_linear_op_finds_a_weights_copy_while_the_weight_lives():
+def test_the_blocked_linear_op_finds_a_weights_copy_while_the_weight_lives(without_skinny_kernel):
     import gc
 
     from thrifty.models import blocked_linear
@@ -202,7 +202,7 @@ def test_the_blocked_linear_op_finds_a_weights_copy_while_the_weight_lives():
     assert key not in blocked_linear._BLOCKED  # a later weight at the same address must not find it
 
 
-def test_the_blocked_linear_op_computes_what_an_eager_step_does_at_every_row_count():
+def test_the_blocked_linear_op_computes_what_an_eager_step_does_at_every_row_count(without_skinny_kernel):
     """A compiled graph's row count is symbolic, so the op itself picks the plain or the blocked matmul
     by rows, as eager steps do: a row gets the same bits compiled or not."""
     from thrifty.models import blocked_linear
@@ -219,13 +219,19 @@ def test_the_blocked_linear_op_computes_what_an_eager_step_does_at_every_row_cou
         assert torch.equal(blocked_linear.blocked_linear(x, linear.weight), linear(x)), rows
 
 
-def test_only_fp32_engines_keep_onednn_copies(tiny_llama_gguf):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_only_fp32_engines_without_the_skinny_kernel_keep_onednn_copies(tiny_llama_gguf, monkeypatch, kernel):
     from thrifty import LLM
+    from thrifty.models import skinny_linear
     from thrifty.models.layers import Linear
 
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
-    for weights, expect_copies in (("fp32", True), ("int8", False)):
+    if kernel and not skinny_linear.available():
+        pytest.skip("the kernel needs an AVX-512 CPU and a C++ compiler")
+    if not kernel:
+        monkeypatch.setenv("THRIFTY_SKINNY_KERNEL", "0")
+    for weights, expect_copies in (("fp32", not kernel), ("int8", False)):
         llm = LLM(str(tiny_llama_gguf), weights=weights, kv_cache_tokens=256, block_size=4)
         linears = [m for m in llm.engine.model.modules() if isinstance(m, Linear)]
         assert linears and all((m.blocked is not None) == expect_copies for m in linears), weights

@@ -23,8 +23,9 @@ partial files that crashed builds left behind.
 There are three graphs (GRAPHS below), with the context length and the cache size dynamic: one
 sequence with one new token, a batch of them, and one sequence with a few new tokens (a verify
 step, a drafter's short read). Other steps run eagerly, as does everything after a failure to build,
-load or run. A float32 model's batch and verify graphs call its matmuls through the oneDNN-blocked
-weight copies (thrifty.models.blocked_linear), which win from a few rows on. Int4 matmuls are lowered
+load or run. A float32 model's graphs call thrifty's few-row kernel (thrifty.models.skinny_linear), a
+C++ op; where that cannot run, the batch and verify graphs call the oneDNN-blocked weight copies
+(thrifty.models.blocked_linear), which win from a few rows on. Int4 matmuls are lowered
 to inductor's C++ GEMM templates where those win (thrifty.engine.gemm_templates): on CPUs with AMX,
 graphs of several rows read the int4 codes in the AMX kernel's tile layout (thrifty.quant.int4_tiles).
 Every new graph is checked against the eager body before it is kept (`check_against_eager`).
@@ -48,7 +49,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from thrifty.cache_dir import cache_dir
 from thrifty.cpu_info import cpuinfo_field
+from thrifty.models import skinny_linear
 from thrifty.models.base import CausalLM
 from thrifty.models.decode_attention import DecodeMetadata
 from thrifty.models.layers import Linear
@@ -69,7 +72,7 @@ MAX_BATCH = 16
 # rows a float32 verify step took 55 against 72 ms eagerly (17 rows, SmolLM2-135M, Sapphire Rapids)
 MAX_QUERY = 17
 # code the graphs are traced from
-_SOURCES = ("models", "quant", "kv/quant", "cpu_info.py", "engine/compiled_decode.py", "engine/gemm_templates.py")
+_SOURCES = ("models", "models/skinny_linear.cpp", "quant", "kv/quant", "cpu_info.py", "engine/compiled_decode.py", "engine/gemm_templates.py")
 # The builder's check of a new graph against eager: rounding (bfloat16 activations of the packed
 # kernels, another summation order) stays near 1e-2 in the first layers; a wrong kernel is near 1.
 CHECK_TOLERANCE = 0.05
@@ -173,8 +176,7 @@ def _prune_cache(directory: Path, now: float) -> None:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("THRIFTY_CACHE_DIR") or Path.home() / ".cache" / "thrifty"
-    return Path(root) / "aot"
+    return cache_dir("aot")
 
 
 @functools.cache
@@ -193,8 +195,10 @@ def cache_key(model: CausalLM, slots: list[TensorSlot], kind: str) -> str:
     layout = [(s.name, str(s.get().dtype), list(s.get().shape[1:] if s.attr.endswith("_cache") else s.get().shape))
               for s in slots]
     # The CPU's vendor picks float32 kernels and AMX the int4 ones; a graph with AMX code must not
-    # load where there is none (a home directory shared between machines).
-    cpu = [torch.backends.cpu.get_cpu_capability(), cpuinfo_field("vendor_id"), amx_available()]
+    # load where there is none (a home directory shared between machines). A graph that calls the
+    # few-row kernel must not load where it is off or cannot be built.
+    cpu = [torch.backends.cpu.get_cpu_capability(), cpuinfo_field("vendor_id"), amx_available(),
+           skinny_linear.available()]
     blob = json.dumps([_source_digest(), torch.__version__, cpu,
                        dataclasses.asdict(model.config),
                        layout, kind, MAX_BATCH, MAX_QUERY], sort_keys=True, default=str)

@@ -28,6 +28,7 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer, read_gguf_metadata
 
+from thrifty.cache_dir import cache_dir
 from thrifty.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,7 @@ _DECLARED_EOS_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_i
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("THRIFTY_CACHE_DIR") or Path.home() / ".cache" / "thrifty"
-    return Path(root) / "tokenizers"
+    return cache_dir("tokenizers")
 
 
 class Tokenizer:

@@ -1,5 +1,8 @@
 """float32 matmuls through a oneDNN-blocked weight copy, as an op that compiled graphs can call.
 
+Used where thrifty's own few-row kernel (thrifty.models.skinny_linear) cannot run: CPUs without
+AVX-512, or no C++ compiler.
+
 oneDNN's matmul on a copy of the weight reordered into its blocked layout beats the plain-layout
 matmuls from 3-4 rows on (thrifty.models.layers). The copy is an opaque tensor: it has no strides
 or storage, so torch.export cannot take it as an input of a compiled graph. The op

@@ -17,7 +17,7 @@ from torch import nn
 from thrifty.config import ModelConfig, RopeScaling
 from thrifty.cpu_info import cpuinfo_field
 from thrifty.loading.weights import QuantizedWeight, WeightTensor, to_tensor
-from thrifty.models import blocked_linear
+from thrifty.models import blocked_linear, skinny_linear
 from thrifty.models.decode_attention import DecodeMetadata, decode_attention
 from thrifty.models.paged_attention import AttentionMetadata, paged_attention
 from thrifty.quant.formats import weight_format
@@ -36,7 +36,8 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
 # verify steps of speculative decoding and prefill chunks. Whole SmolLM2-135M steps, 2 threads, torch
 # 2.13 (scripts/bench_fp32_matmul.py): on an AMD EPYC the blocked copy won from 3 rows (1.3-1.5x at
 # 3-4, 2x at 8-16); on an Intel Sapphire Rapids F.linear took 26 ms at one row against 70 for W @ x^T,
-# and the blocked copy won from 4 rows (36 against 45 ms).
+# and the blocked copy won from 4 rows (36 against 45 ms). On AVX-512 CPUs thrifty's own kernel
+# (thrifty.models.skinny_linear) takes up to 64 rows, faster than all of these, and no copy is kept.
 _ON_AMD = cpuinfo_field("vendor_id") == "AuthenticAMD"
 _BLOCKED_FP32_ROWS = 3 if _ON_AMD else 4
 # Up to this many rows, with no blocked copy, W @ x^T (it loses to F.linear from about 512 rows on AMD).
@@ -54,6 +55,12 @@ def onednn_blocked(weight: torch.Tensor) -> torch.Tensor | None:
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  blocked: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
+    # A compiled graph's row count is symbolic (1-17 rows, all the kernel's); comparing it would pin
+    # the graph to its example's count.
+    few_rows = not isinstance(rows, int) or 0 < rows <= skinny_linear.MAX_ROWS
+    if few_rows and weight.dtype == torch.float32 and weight.device.type == "cpu" and skinny_linear.available():
+        y = skinny_linear.skinny_linear(x, weight)
+        return y if bias is None else y + bias
     if blocked is not None and torch.compiler.is_compiling():
         # A graph's row count is symbolic where it takes several (2-16 sequences, 2-17 new tokens);
         # comparing it would pin the graph to its example's count, so the op picks by rows at run time.
@@ -155,8 +162,9 @@ class Linear(WeightModule):
         return dense_linear(x, self.weight, self.bias, self.blocked)
 
     def block_for_onednn(self) -> None:
-        """Keep a oneDNN-blocked copy of a dense float32 weight for calls of several rows."""
-        if self.packed is None and self.weights_choice == "fp32":
+        """Keep a oneDNN-blocked copy of a dense float32 weight for calls of several rows, where
+        thrifty's own kernel, which needs none, cannot run."""
+        if self.packed is None and self.weights_choice == "fp32" and not skinny_linear.available():
             self.blocked = onednn_blocked(self.weight)
             if self.blocked is not None:
                 blocked_linear.register(self.weight, self.blocked)
