@@ -163,12 +163,12 @@ class _Counting:
 
 
 @pytest.mark.parametrize("weights", ["int4", "fp32", "fp32-without-skinny-kernel"])
-def test_compiled_verify_steps_give_plain_decodings_tokens(tiny_llama_gguf, aot_cache, monkeypatch, weights):
+def test_compiled_verify_steps_give_plain_decodings_tokens(tiny_llama_gguf, aot_cache, monkeypatch, request, weights):
     """A verify step of one sequence's chain draft runs through the `verify` graph; in float32 its
     matmuls go through thrifty's few-row kernel, or where that cannot run the weights' oneDNN-blocked
     copies."""
     if weights == "fp32-without-skinny-kernel":
-        monkeypatch.setenv("THRIFTY_SKINNY_KERNEL", "0")
+        request.getfixturevalue("without_skinny_kernel")
         weights = "fp32"
     llm = make_tiny_llm(tiny_llama_gguf, weights=weights, compile=True, speculative_adaptive=False,
                         num_speculative_tokens=3)
@@ -216,12 +216,12 @@ def test_only_the_tiles_graph_multiplies_int4_through_the_tile_layout(tiny_llama
 
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("kind", ["single", "batch", "verify"])
-def test_float32_graphs_call_the_skinny_kernel_or_else_the_blocked_matmuls(tiny_llama_gguf, monkeypatch, kind, kernel):
+def test_float32_graphs_call_the_skinny_kernel_or_else_the_blocked_matmuls(tiny_llama_gguf, request, kind, kernel):
     """The kernel is a C++ op, so a compiled float32 step calls no Python for its matmuls."""
     if kernel and not skinny_linear.available():
         pytest.skip("the kernel needs an AVX-512 CPU and a C++ compiler")
     if not kernel:
-        monkeypatch.setenv("THRIFTY_SKINNY_KERNEL", "0")
+        request.getfixturevalue("without_skinny_kernel")
     model = make_tiny_llm(tiny_llama_gguf, weights="fp32").engine.model
     slots = compiled_decode.tensor_slots(model)
     args, dynamic = compiled_decode._example(model, torch.float32, slots, kind)

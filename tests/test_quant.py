@@ -220,7 +220,7 @@ def test_the_blocked_linear_op_computes_what_an_eager_step_does_at_every_row_cou
 
 
 @pytest.mark.parametrize("kernel", [True, False])
-def test_only_fp32_engines_without_the_skinny_kernel_keep_onednn_copies(tiny_llama_gguf, monkeypatch, kernel):
+def test_only_fp32_engines_without_the_skinny_kernel_keep_onednn_copies(tiny_llama_gguf, request, kernel):
     from thrifty import LLM
     from thrifty.models import skinny_linear
     from thrifty.models.layers import Linear
@@ -230,7 +230,7 @@ def test_only_fp32_engines_without_the_skinny_kernel_keep_onednn_copies(tiny_lla
     if kernel and not skinny_linear.available():
         pytest.skip("the kernel needs an AVX-512 CPU and a C++ compiler")
     if not kernel:
-        monkeypatch.setenv("THRIFTY_SKINNY_KERNEL", "0")
+        request.getfixturevalue("without_skinny_kernel")
     for weights, expect_copies in (("fp32", not kernel), ("int8", False)):
         llm = LLM(str(tiny_llama_gguf), weights=weights, kv_cache_tokens=256, block_size=4)
         linears = [m for m in llm.engine.model.modules() if isinstance(m, Linear)]
